@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+# DeepSpeed picks its accelerator at import time; on a CPU-only host it must be told before any import.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session, with spare logical CPUs so Ray Data never starves."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,130 @@
+"""Bad samples are skipped and counted, never fatal one by one, and fatal in bulk.
+
+Design: the decode stage drops bad rows, so nothing downstream of it can count them. Every decode call
+therefore reports how many rows it saw and which were bad (with shard/key examples) to one small named
+actor per dataset, `BadSampleLedger`. The call is synchronous, one per batch of `decode_batch_size` rows
+(about a millisecond against hundreds of milliseconds of decoding), so the ledger is exact whenever the
+consumer has received a batch, and each decode call sees the running totals and stops the job itself when
+the bad fraction crosses the limit: the error then reaches whoever consumes the dataset (a Train worker,
+an eval loop, a benchmark) with the counts and up to five examples. Train workers look the ledger up by
+name to log the counts as metrics (worker_batches.py).
+
+Counting in-band (count columns riding along with the good rows) was rejected: a decode batch whose rows
+are all bad has no row to carry its counts, and rows cut by drop_last or the equal split lose theirs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+
+UNDECODABLE = "undecodable"  # the image bytes do not decode
+BAD_LABEL = "bad_label"  # label member missing, unparsable or out of range
+TOO_MANY_PIXELS = "too_many_pixels"  # width*height over data.max_image_pixels (decompression bomb)
+TRUNCATED_TAR = "truncated_tar"  # the tar stops mid-way or is not a tar; counted once per broken shard
+NO_IMAGE = "no_image"  # a key without an image member
+REASONS = (UNDECODABLE, BAD_LABEL, TOO_MANY_PIXELS, TRUNCATED_TAR, NO_IMAGE)
+MAX_EXAMPLES = 5
+
+
+class BadSample(Exception):
+    """One sample that is skipped; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class TooManyBadSamples(RuntimeError):
+    """The bad fraction crossed data.max_bad_fraction: the data needs fixing before training on it."""
+
+
+@dataclass
+class BadSampleReport:
+    seen: int = 0  # rows the decode stage looked at, good and bad
+    bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    examples: list[str] = field(default_factory=list)  # "shard/key (reason: detail)", at most MAX_EXAMPLES
+
+    @property
+    def num_bad(self) -> int:
+        return sum(self.bad.values())
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.num_bad / self.seen if self.seen else 0.0
+
+    def exceeds(self, max_bad_fraction: float, min_samples: int) -> bool:
+        return self.seen >= min_samples and self.bad_fraction > max_bad_fraction
+
+    def metrics(self, prefix: str = "data/") -> dict[str, float]:
+        """Flat numbers for ray.train.report / MLflow."""
+        out = {f"{prefix}samples_seen": self.seen, f"{prefix}bad_samples": self.num_bad,
+               f"{prefix}bad_fraction": self.bad_fraction}
+        out.update({f"{prefix}bad_{reason}": n for reason, n in self.bad.items()})
+        return out
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{reason} {n}" for reason, n in self.bad.items() if n) or "none"
+        examples = "; ".join(self.examples) or "none recorded"
+        return (f"{self.num_bad} of {self.seen} samples were bad ({self.bad_fraction:.2%}): {counts}. "
+                f"Examples: {examples}")
+
+
+@ray.remote(num_cpus=0)
+class BadSampleLedger:
+    """Running totals of one dataset's bad samples, shared by all its decode tasks and readers."""
+
+    def __init__(self):
+        self.report = BadSampleReport()
+
+    def record(self, seen: int, bad: dict[str, int], examples: list[str]) -> BadSampleReport:
+        self.report.seen += seen
+        for reason, n in bad.items():
+            self.report.bad[reason] = self.report.bad.get(reason, 0) + n
+        room = MAX_EXAMPLES - len(self.report.examples)
+        self.report.examples.extend(examples[:max(room, 0)])
+        return self.report
+
+    def get(self) -> BadSampleReport:
+        return self.report
+
+
+@dataclass(frozen=True)
+class BadSamplePolicy:
+    """What the decode stage needs to report bad samples and enforce the limit.
+
+    It holds the ledger's handle, which keeps the actor alive for as long as the dataset that carries it.
+    """
+
+    ledger_name: str
+    max_bad_fraction: float
+    min_samples: int
+    ledger: ray.actor.ActorHandle
+
+    def record(self, seen: int, bad: dict[str, int], examples: list[str]) -> BadSampleReport:
+        """Add one decode call's counts, then raise TooManyBadSamples if the running totals cross the limit."""
+        report = ray.get(self.ledger.record.remote(seen, bad, examples))
+        self.check(report)
+        return report
+
+    def check(self, report: BadSampleReport) -> None:
+        if report.exceeds(self.max_bad_fraction, self.min_samples):
+            raise TooManyBadSamples(
+                f"too many bad samples: {report.describe()} This is over data.max_bad_fraction="
+                f"{self.max_bad_fraction} (checked after data.min_samples_for_bad_check={self.min_samples}).")
+
+
+def build_ledger(max_bad_fraction: float, min_samples: int, name: str | None = None) -> BadSamplePolicy:
+    """Start a ledger actor (owned by the calling driver) and return the policy that points at it."""
+    name = name or f"bad-samples-{uuid.uuid4().hex[:12]}"
+    ledger = BadSampleLedger.options(name=name).remote()
+    return BadSamplePolicy(ledger_name=name, max_bad_fraction=max_bad_fraction, min_samples=min_samples,
+                           ledger=ledger)
+
+
+def read_ledger(ledger_name: str) -> BadSampleReport:
+    """Current totals, from any process of the same Ray job (driver, Train worker, task)."""
+    return ray.get(ray.get_actor(ledger_name).get.remote())

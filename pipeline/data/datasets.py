@@ -1,0 +1,88 @@
+"""Dataset builders: shard spec + DataConfig -> a Ray Dataset of uint8 images and int64 labels.
+
+    shards ─ WebDatasetShards (raw bytes; per-epoch seeded shard order) ─ map_batches(decode_batch) ─► rows
+                                                                          CPU tasks, anywhere in the cluster
+
+The result also carries what a driver needs to start training: the sample count from the manifest (for
+`steps_per_epoch`), the class names, and the bad-sample policy whose ledger name the Train workers use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import ray
+
+from pipeline.config import DataConfig
+from pipeline.data.bad_samples import BadSamplePolicy, BadSampleReport, build_ledger, read_ledger
+from pipeline.data.manifest import find_manifest, steps_per_epoch
+from pipeline.data.tar_reader import expand_shards, read_shards
+from pipeline.data.transforms import decode_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageDataset:
+    dataset: ray.data.Dataset  # columns: image uint8 (3, S, S), label int64
+    shard_paths: list[str]
+    num_samples: int | None  # samples in the shards per the manifest; None without a manifest
+    classes: list[str]
+    num_classes: int
+    policy: BadSamplePolicy
+
+    @property
+    def ledger_name(self) -> str:
+        return self.policy.ledger_name
+
+    def bad_samples(self) -> BadSampleReport:
+        return read_ledger(self.policy.ledger_name)
+
+    def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
+        if self.num_samples is None:
+            raise ValueError(f"no manifest beside {self.shard_paths[0]}, so the epoch size is unknown; write one "
+                             "with `python jobs/make_shards.py --source shards:PATTERN`")
+        return steps_per_epoch(self.num_samples, world_size, batch_size)
+
+
+def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, first_epoch: int = 0,
+                        filesystem: pafs.FileSystem | None = None) -> ImageDataset:
+    """Train datasets shuffle shard files per epoch (seed cfg.shuffle_seed + epoch) and augment; eval
+    datasets read the shards in listing order with the deterministic centre crop."""
+    cfg.validate()
+    paths, fs = expand_shards(spec, filesystem)
+    manifest = find_manifest(fs, paths)
+    num_samples = manifest.samples_in(paths) if manifest is not None else None
+    classes = manifest.classes if manifest is not None else []
+    num_classes = cfg.num_classes or len(classes)
+    if manifest is None:
+        log.warning("no manifest beside %s: epoch size unknown, labels only checked to be >= 0 unless "
+                    "data.num_classes is set", paths[0])
+    policy = build_ledger(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
+    raw = read_shards(paths, fs, seed=cfg.shuffle_seed if train else None, first_epoch=first_epoch)
+    dataset = raw.map_batches(
+        decode_batch,
+        fn_kwargs={"cfg": cfg, "train": train, "num_classes": num_classes, "policy": policy},
+        batch_size=cfg.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=cfg.decode_num_cpus,
+        concurrency=cfg.decode_concurrency or None,
+    )
+    log.info("%s data: %d shards, %s samples, %d classes", "train" if train else "eval", len(paths),
+             num_samples if num_samples is not None else "unknown", num_classes)
+    return ImageDataset(dataset=dataset, shard_paths=paths, num_samples=num_samples, classes=classes,
+                        num_classes=num_classes, policy=policy)
+
+
+def build_train_dataset(cfg: DataConfig, *, first_epoch: int = 0) -> ImageDataset:
+    if not cfg.train:
+        raise ValueError("data.train is empty: give the training shards (list, glob or brace pattern)")
+    return build_image_dataset(cfg.train, cfg, train=True, first_epoch=first_epoch)
+
+
+def build_eval_dataset(cfg: DataConfig) -> ImageDataset:
+    if not cfg.val:
+        raise ValueError("data.val is empty: give the evaluation shards (list, glob or brace pattern)")
+    return build_image_dataset(cfg.val, cfg, train=False)

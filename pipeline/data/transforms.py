@@ -1,0 +1,99 @@
+"""Train and eval transforms, and the `map_batches` function that decodes and augments a batch of raw rows.
+
+Train: RandomResizedCrop (scale and ratio from the config; the box is drawn by torchvision v2's own
+`RandomResizedCrop.make_params` from the header size, before any pixel is decoded), horizontal flip, and
+optionally torchvision v2 `RandAugment` on the uint8 crop.
+Eval: resize the shorter side to img_size / crop_pct, then centre crop img_size. Both are one crop box in
+source pixels (a centred square of side crop_pct * shorter side) resized to img_size, which matches
+`Resize(img_size / crop_pct)` + `CenterCrop(img_size)` up to sub-pixel rounding.
+
+The output is uint8 (N, 3, H, W) images and int64 labels: four times fewer bytes through the object store than
+float32; normalisation happens on the training device.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from pipeline.config import DataConfig
+from pipeline.data.bad_samples import MAX_EXAMPLES, NO_IMAGE, TRUNCATED_TAR, BadSample, BadSamplePolicy
+from pipeline.data.decode import Box, decode_resized_crop, open_image, parse_label
+
+
+class ImageTransform:
+    """Bytes -> (3, img_size, img_size) uint8 tensor, train or eval; random draws come from torch's RNG."""
+
+    def __init__(self, cfg: DataConfig, train: bool):
+        self.train = train
+        self.img_size = cfg.img_size
+        self.crop_pct = cfg.crop_pct
+        self.hflip = cfg.hflip
+        self.max_image_pixels = cfg.max_image_pixels
+        self.rrc = v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio))
+        self.randaugment = (v2.RandAugment(num_ops=cfg.randaugment_num_ops, magnitude=cfg.randaugment_magnitude)
+                            if train and cfg.randaugment_num_ops > 0 else None)
+
+    def box(self, image: Image.Image) -> Box:
+        if self.train:
+            p = self.rrc.make_params([image])  # reads image.size only
+            return p["top"], p["left"], p["height"], p["width"]
+        return center_box(image.width, image.height, self.crop_pct)
+
+    def __call__(self, data: bytes | None) -> torch.Tensor:
+        image = open_image(data, self.max_image_pixels)
+        crop = decode_resized_crop(data, image, self.box(image), self.img_size)
+        if self.train:
+            if self.hflip > 0 and torch.rand(()) < self.hflip:
+                crop = crop.flip(-1)
+            if self.randaugment is not None:
+                crop = self.randaugment(crop)
+        return crop
+
+
+def center_box(width: int, height: int, crop_pct: float) -> Box:
+    side = max(1, round(min(width, height) * crop_pct))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int,
+                 policy: BadSamplePolicy | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
+    """Raw rows (tar_reader.ROW_SCHEMA) -> {"image": uint8 (N, 3, S, S), "label": int64 (N,)} of the good rows.
+
+    Bad rows are dropped and reported to `policy` (which raises once too many are bad). `seed` fixes the
+    augmentation draws of this batch; without it each call draws fresh entropy.
+    """
+    transform = ImageTransform(cfg, train)
+    keys, urls = batch["__key__"], batch["__url__"]
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    bad: Counter[str] = Counter()
+    examples: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        for i in range(len(keys)):
+            try:
+                if batch["read_error"][i] is not None:
+                    raise BadSample(TRUNCATED_TAR, batch["read_error"][i])
+                if batch["image"][i] is None:
+                    raise BadSample(NO_IMAGE, "the key has no image member")
+                label = parse_label(batch["cls"][i], batch["json"][i], cfg.label_key, num_classes)
+                images.append(transform(batch["image"][i]))
+                labels.append(label)
+            except BadSample as e:
+                bad[e.reason] += 1
+                if len(examples) < MAX_EXAMPLES:
+                    examples.append(f"{posixpath.basename(urls[i])}/{keys[i]} ({e})")
+    if policy is not None:
+        policy.record(len(keys), dict(bad), examples)
+    size = cfg.img_size
+    return {
+        "image": torch.stack(images).numpy() if images else np.empty((0, 3, size, size), np.uint8),
+        "label": np.asarray(labels, dtype=np.int64),
+    }

@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="fraction of each digit class held out as the val split")
     parser.add_argument("--max-count", type=int, default=1000, help="at most this many samples per shard")
-    parser.add_argument("--max-size", type=float, default=512e6, help="at most about this many bytes per shard")
+    parser.add_argument("--max-size", type=float, default=512e6,
+                        help="cut a shard once this many bytes of member data are written (tar headers not counted)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the sample order across shards and of the digits train/val split")
     parser.add_argument("--classes", default="",

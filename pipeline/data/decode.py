@@ -24,7 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+
+try:  # torchvision 0.29 deprecates its image codecs in favour of torchcodec; Pillow covers their absence
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+except ImportError:  # pragma: no cover - depends on the torchvision release
+    decode_jpeg = None
 
 from pipeline.data.bad_samples import BAD_LABEL, NO_IMAGE, TOO_MANY_PIXELS, UNDECODABLE, BadSample
 
@@ -67,7 +74,7 @@ def decode_resized_crop(data: bytes, image: Image.Image, box: Box, out_size: int
             top, left = int(top * sy), int(left * sx)
             height, width = max(out_size, int(height * sy)), max(out_size, int(width * sx))
             pixels = _hwc_tensor(to_rgb(image))
-        elif image.format == "JPEG" and image.mode in ("RGB", "L"):
+        elif decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L"):
             pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
             pixels = _hwc_tensor(to_rgb(image))

@@ -2,7 +2,8 @@
 
 Each key holds the image under its own format's suffix (`.jpg`, `.png`, `.webp`: the original bytes, never
 re-encoded), `.cls` (the integer label) and `.json` (source, width, height). Shards are cut by
-`webdataset.ShardWriter` at `max_count` samples or `max_size` bytes. The output may be a local folder or any
+`webdataset.ShardWriter` at `max_count` samples or once `max_size` bytes of member data (tar headers not
+counted) are written. The output may be a local folder or any
 pyarrow filesystem URI: remote shards are written to a local staging folder and uploaded as each one closes,
 so local disk holds at most one shard. The manifest is written last (see manifest.py).
 """
@@ -13,7 +14,9 @@ import datetime
 import logging
 import os
 import posixpath
+import tarfile
 import tempfile
+import time
 from importlib import metadata
 
 import pyarrow.fs as pafs
@@ -83,7 +86,9 @@ def write_split(samples, classes: list[str], out: str, *, split: str, total: int
 
     pattern = os.path.join(write_dir, SHARD_PATTERN.format(split=split))
     bar = tqdm(total=total, unit="img", desc=f"{split} shards", disable=not progress, dynamic_ncols=True)
-    writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, post=on_shard_closed, verbose=0)
+    # A whole-second mtime and plain ustar headers: a float mtime makes tarfile add a 1 KiB PAX header per member.
+    writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, post=on_shard_closed, verbose=0,
+                             mtime=int(time.time()), format=tarfile.USTAR_FORMAT)
     try:
         for item in samples:
             bar.update(1)

@@ -1,0 +1,7 @@
+"""Images in, uint8 batches out: shard writing, Ray Data reading, decode and augment, bad-sample policy.
+
+    make_shards (shard_writer, sources) ─► {split}-NNNNNN.tar + {split}.manifest.json (manifest)
+    build_image_dataset (datasets) = WebDatasetShards (tar_reader) ─► map_batches(decode_batch) (transforms, decode)
+    WorkerBatches (worker_batches): exactly steps_per_epoch batches per Train worker per epoch
+    BadSampleLedger (bad_samples): skipped samples counted, reported, and fatal above data.max_bad_fraction
+"""

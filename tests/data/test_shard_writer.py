@@ -1,0 +1,153 @@
+"""Sources to shards and back: digits and ImageFolder round trips, manifests, sizes, remote outputs."""
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data.datasets import build_image_dataset
+from pipeline.data.manifest import Manifest, find_manifest, steps_per_epoch
+from pipeline.data.shard_writer import index_shards, write_source, write_split
+from pipeline.data.sources import digits_source, imagefolder_source, read_image_file
+from pipeline.data.tar_reader import expand_shards, iter_tar_samples, read_shards
+
+
+def tar_rows(path: str) -> list[dict]:
+    with open(path, "rb") as f:
+        return list(iter_tar_samples(f, path))
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    manifests = write_source(digits_source(img_size=32), str(out), max_count=400, max_size=1 << 30, progress=False)
+    return out, manifests
+
+
+def test_digits_shards_hold_every_digit_once_with_its_label(digits_dir):
+    from sklearn.datasets import load_digits
+
+    out, manifests = digits_dir
+    assert manifests["train"].num_samples + manifests["val"].num_samples == 1797
+    assert manifests["val"].num_samples == 359  # 20% of each class, rounded per class
+    assert [s.num_samples for s in manifests["train"].shards] == [400, 400, 400, 238]
+    expected = load_digits().target
+    seen = Counter()
+    for manifest in manifests.values():
+        for shard in manifest.shards:
+            rows = tar_rows(str(out / shard.name))
+            assert len(rows) == shard.num_samples and shard.num_bytes == os.path.getsize(out / shard.name)
+            for row in rows:
+                meta = json.loads(row["json"])
+                index = int(meta["source"].split("[")[1].rstrip("]"))
+                assert int(row["cls"]) == expected[index]
+                assert (meta["width"], meta["height"]) == (32, 32) and row["image_ext"] == "jpg"
+                assert Image.open(io.BytesIO(row["image"])).mode == "RGB"
+                seen[index] += 1
+    assert sorted(seen) == list(range(1797)) and set(seen.values()) == {1}
+
+
+def test_manifest_is_complete_and_alone(digits_dir):
+    out, manifests = digits_dir
+    assert sorted(os.listdir(out)) == ["train-000000.tar", "train-000001.tar", "train-000002.tar",
+                                       "train-000003.tar", "train.manifest.json", "val-000000.tar",
+                                       "val.manifest.json"]
+    body = json.loads((out / "train.manifest.json").read_text())
+    assert body["num_samples"] == 1438 and body["num_shards"] == 4 and body["num_classes"] == 10
+    assert body["classes"] == [str(c) for c in range(10)] and "webdataset 1.0.2" in body["writer"]
+    assert body["num_bytes"] == sum(os.path.getsize(out / s["name"]) for s in body["shards"])
+    paths, fs = expand_shards(str(out / "train-{000000..000003}.tar"))
+    manifest = find_manifest(fs, paths)
+    assert manifest.samples_in(paths[:2]) == 800
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert steps_per_epoch(manifest.num_samples, world_size=2, batch_size=64) == 11
+
+
+def test_digits_read_back_through_ray_yields_every_key_once(ray_local, digits_dir):
+    out, manifests = digits_dir
+    paths, fs = expand_shards(str(out / "train-*.tar"))
+    raw = read_shards(paths, fs, seed=None)
+    rows = raw.select_columns(["__url__", "__key__"]).take_all()
+    keys = Counter((os.path.basename(r["__url__"]), r["__key__"]) for r in rows)
+    assert len(keys) == 1438 and set(keys.values()) == {1}
+    decoded = build_image_dataset(str(out / "val-*.tar"), DataConfig(img_size=32), train=False)
+    labels = Counter()
+    for batch in decoded.dataset.iter_batches(batch_size=100, batch_format="numpy"):
+        assert batch["image"].shape[1:] == (3, 32, 32) and batch["image"].dtype == np.uint8
+        labels.update(batch["label"].tolist())
+    val_labels = Counter(int(r["cls"]) for r in tar_rows(str(out / "val-000000.tar")))
+    assert labels == val_labels and sum(labels.values()) == decoded.num_samples == 359
+    assert decoded.bad_samples().seen == 359 and decoded.bad_samples().num_bad == 0
+
+
+@pytest.fixture
+def image_folder(tmp_path, tars):
+    root = tmp_path / "folder"
+    files = {"cat": [("a.jpg", "JPEG"), ("b.JPEG", "JPEG"), ("c.png", "PNG")],
+             "dog": [("d.webp", "WEBP"), ("e.jpg", "PNG")],  # e.jpg is really a PNG
+             "emu": [("f.png", "PNG")]}
+    for i, (cls, names) in enumerate(files.items()):
+        (root / cls / "nested").mkdir(parents=True)
+        for j, (name, fmt) in enumerate(names):
+            folder = root / cls / ("nested" if j == 0 else "")
+            (folder / name).write_bytes(tars.image_bytes(30 + i, 20 + j, fmt=fmt, seed=i * 10 + j))
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "emu" / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def test_imagefolder_keeps_original_bytes_and_counts_skipped_files(image_folder, tmp_path):
+    manifest = write_split(imagefolder_source(str(image_folder)).splits["train"](), ["cat", "dog", "emu"],
+                           str(tmp_path / "out"), split="train", max_count=4, progress=False)
+    assert manifest.num_samples == 6 and manifest.skipped == 1
+    assert [s.num_samples for s in manifest.shards] == [4, 2]
+    rows = [r for s in manifest.shards for r in tar_rows(str(tmp_path / "out" / s.name))]
+    by_source = {json.loads(r["json"])["source"]: r for r in rows}
+    for path in image_folder.rglob("*"):
+        if path.suffix in (".txt", "") or path.name == "broken.jpg" or path.is_dir():
+            continue
+        row = by_source[str(path)]
+        assert row["image"] == path.read_bytes()  # stored as-is, never re-encoded
+        assert row["image_ext"] == {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[Image.open(path).format]
+        assert int(row["cls"]) == ["cat", "dog", "emu"].index(path.relative_to(image_folder).parts[0])
+        meta = json.loads(row["json"])
+        assert (meta["width"], meta["height"]) == Image.open(path).size
+    assert sorted(int(r["__key__"]) for r in rows) == list(range(6))
+
+
+def test_max_size_cuts_shards_and_remote_outputs_are_uploaded(tmp_path):
+    source = digits_source(img_size=16)
+    remote = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not a LocalFileSystem: staged upload
+    manifest = write_split(source.splits["val"](), source.classes, "bucket/digits", split="val", max_count=10**6,
+                           max_size=50_000, progress=False, fs=remote)
+    assert len(manifest.shards) >= 3 and manifest.num_samples == 359
+    names = sorted(os.listdir(tmp_path / "bucket" / "digits"))
+    assert names == [s.name for s in manifest.shards] + ["val.manifest.json"]
+    # cut after the sample whose member data crosses the limit; ustar headers add 512 bytes per member
+    assert all(s.num_bytes <= 50_000 + 3 * 1024 * s.num_samples + 10_240 for s in manifest.shards)
+
+
+def test_index_shards_writes_a_manifest_for_img2dataset_output(tars, tmp_path):
+    records = [{"__key__": f"{i:09d}", "jpg": tars.image_bytes(20, 20, seed=i), "txt": "a caption",
+                "json": {"key": f"{i:09d}", "label": i % 2}} for i in range(7)]
+    tars.write("laion/part-00000.tar", records[:4])
+    tars.write("laion/part-00001.tar", records[4:])
+    manifest = index_shards(str(tmp_path / "laion" / "part-*.tar"), classes=["even", "odd"])
+    assert manifest.split == "part" and [s.num_samples for s in manifest.shards] == [4, 3]
+    assert (tmp_path / "laion" / "part.manifest.json").exists()
+
+
+def test_read_image_file_reencodes_other_formats_as_png(tmp_path):
+    gif = tmp_path / "x.jpg"
+    Image.new("RGB", (5, 4), (10, 20, 30)).save(gif, format="GIF")
+    sample = read_image_file(str(gif), key="00000000", label=1)
+    assert sample.image_ext == "png" and Image.open(io.BytesIO(sample.image)).format == "PNG"
+    assert (sample.width, sample.height) == (5, 4)
+    assert tarfile.is_tarfile(str(gif)) is False

@@ -1,0 +1,95 @@
+"""Tolerant tar reading, shard path expansion and the per-epoch shard order."""
+
+import io
+import os
+import tarfile
+
+import pytest
+import ray
+
+from pipeline.data.tar_reader import expand_shards, iter_tar_samples, read_shards, shard_order
+
+
+@pytest.fixture
+def shards(tars):
+    """Five shards of two samples each: shard i holds keys i0, i1 with label i."""
+    return [tars.write(f"s/train-{i:06d}.tar", [tars.good_record(f"{i}{j}", label=i, seed=j) for j in range(2)])
+            for i in range(5)]
+
+
+def test_expand_lists_globs_braces_folders_and_uris(shards, tmp_path):
+    folder = str(tmp_path / "s")
+    (tmp_path / "s" / "notes.txt").write_text("not a shard")
+    expected = [os.path.abspath(p) for p in shards]
+    assert expand_shards(shards)[0] == expected
+    assert expand_shards(f"{folder}/train-*.tar")[0] == expected
+    assert expand_shards(f"{folder}/train-{{000000..000004}}.tar")[0] == expected
+    assert expand_shards(folder)[0] == expected
+    assert expand_shards(f"file://{folder}/train-{{000000..000001}}.tar")[0] == expected[:2]
+    with pytest.raises(ValueError, match="no files match"):
+        expand_shards(f"{folder}/val-*.tar")
+
+
+def tar_bytes(tars, n: int) -> tuple[bytes, list[tarfile.TarInfo]]:
+    path = tars.write("t.tar", [tars.good_record(f"{i:04d}", label=i, seed=i) for i in range(n)])
+    with tarfile.open(path) as t:
+        return open(path, "rb").read(), t.getmembers()
+
+
+def test_truncated_inside_a_member_keeps_every_sample_before_the_break(tars):
+    data, members = tar_bytes(tars, 10)
+    jpg6 = next(m for m in members if m.name == "0006.jpg")  # members per key: cls, jpg, json
+    rows = list(iter_tar_samples(io.BytesIO(data[: jpg6.offset_data + 100]), "t.tar"))
+    assert [r["__key__"] for r in rows[:-1]] == [f"{i:04d}" for i in range(6)]
+    assert all(r["read_error"] is None and r["image"] is not None for r in rows[:-1])
+    assert rows[-1]["__key__"] == "0006" and "unexpected end of data" in rows[-1]["read_error"]
+
+
+def test_truncated_between_members_is_detected(tars):
+    data, members = tar_bytes(tars, 10)
+    cls4 = next(m for m in members if m.name == "0004.cls")
+    rows = list(iter_tar_samples(io.BytesIO(data[: cls4.offset]), "t.tar"))
+    assert [r["__key__"] for r in rows[:-1]] == [f"{i:04d}" for i in range(4)]
+    assert rows[-1]["__key__"] == "" and "end-of-archive" in rows[-1]["read_error"]
+    assert "after key 0003" in rows[-1]["read_error"]
+
+
+def test_complete_tar_has_no_marker_and_garbage_or_empty_files_give_one(tars):
+    data, _ = tar_bytes(tars, 3)
+    assert [r["read_error"] for r in iter_tar_samples(io.BytesIO(data), "t.tar")] == [None] * 3
+    for junk in (b"", b"this is not a tar archive" * 50):
+        rows = list(iter_tar_samples(io.BytesIO(junk), "junk.tar"))
+        assert len(rows) == 1 and rows[0]["read_error"] and rows[0]["image"] is None
+
+
+def test_members_out_of_key_order_do_not_raise(tars):
+    path = str(tars.folder / "mixed.tar")
+    with tarfile.open(path, "w") as t:
+        for name, payload in [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.cls", b"0")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    with open(path, "rb") as f:
+        rows = list(iter_tar_samples(f, path))
+    assert [(r["__key__"], r["image"] is not None, r["cls"]) for r in rows] == [
+        ("a", True, None), ("b", True, None), ("a", False, b"0")]
+
+
+def shard_sequence(dataset: ray.data.Dataset) -> list[str]:
+    urls = [r["__url__"] for r in dataset.select_columns(["__url__"]).take_all()]
+    return list(dict.fromkeys(urls))
+
+
+def test_each_epoch_reads_shards_in_the_permutation_seeded_with_seed_plus_epoch(ray_local, shards):
+    paths, fs = expand_shards(shards)
+    dataset = read_shards(paths, fs, seed=11, override_num_blocks=len(paths))
+    dataset.context.execution_options.preserve_order = True  # row order = read-task order
+    epochs = [shard_sequence(dataset) for _ in range(3)]
+    assert epochs == [shard_order(paths, 11, e) for e in range(3)]
+    assert len({tuple(e) for e in epochs}) == 3
+    resumed = read_shards(paths, fs, seed=11, first_epoch=2, override_num_blocks=len(paths))
+    resumed.context.execution_options.preserve_order = True
+    assert shard_sequence(resumed) == epochs[2]
+    unshuffled = read_shards(paths, fs, seed=None, override_num_blocks=len(paths))
+    unshuffled.context.execution_options.preserve_order = True
+    assert shard_sequence(unshuffled) == paths

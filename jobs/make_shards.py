@@ -15,7 +15,7 @@ from pipeline.data.shard_writer import index_shards, write_source
 from pipeline.data.sources import build_source
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="digits",
                         help="'digits' (scikit-learn's digits), 'imagefolder:PATH' (one sub-folder per class) or "
@@ -34,11 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", default="",
                         help="comma-separated class names for --source shards: (index i is label i)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.source.startswith("shards:"):
         classes = [c for c in args.classes.split(",") if c]

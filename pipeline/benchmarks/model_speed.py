@@ -14,6 +14,7 @@ from datetime import date
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.model import build_model, preset_kwargs
 
@@ -21,6 +22,8 @@ from pipeline.model import build_model, preset_kwargs
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="vit_small_patch16_224", help="model preset (pipeline.model.PRESETS)")
     parser.add_argument("--img-size", type=int, default=224, help="square input size in pixels")
+    parser.add_argument("--global-pool", choices=("token", "avg"), default="token",
+                        help="pooling: 'token' lets our last block skip the patch rows, 'avg' runs every token")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
     parser.add_argument("--iters", type=int, default=20, help="timed steps per model")
@@ -29,20 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads on the CPU")
 
 
-def build_pair(preset: str, img_size: int, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_pair(preset: str, img_size: int, device: str, global_pool: str = "token") -> tuple[nn.Module, nn.Module]:
     """Our preset model and timm's VisionTransformer with the same arguments and the same weights."""
     try:
         from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
     except ImportError as err:  # timm is a dev dependency
         raise SystemExit("the model benchmark compares against timm: pip install -e '.[dev]'") from err
-    kwargs = preset_kwargs(preset, img_size=img_size)
-    ours = build_model(preset, img_size=img_size)
+    kwargs = preset_kwargs(preset, img_size=img_size, global_pool=global_pool)
+    ours = build_model(preset, img_size=img_size, global_pool=global_pool)
     theirs = TimmVisionTransformer(**kwargs)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours.to(device).train(), theirs.to(device).train()
 
 
-def time_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> float:
+def time_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> float:
     """Seconds for one forward+backward (gradients cleared first, device synchronised around it)."""
     model.zero_grad(set_to_none=True)
     synchronize(images.device)
@@ -62,7 +65,7 @@ def synchronize(device: torch.device) -> None:
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    ours, theirs = build_pair(args.preset, args.img_size, args.device)
+    ours, theirs = build_pair(args.preset, args.img_size, args.device, args.global_pool)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
     labels = torch.randint(0, ours.num_classes, (args.batch_size,), device=args.device)
     models = {"ours": ours, "timm": theirs}
@@ -82,8 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"command: python jobs/benchmark.py model {' '.join(sys.argv[2:])}".rstrip())
     print(f"machine: {device}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
           f"date {date.today()}")
-    print(f"config: {args.preset} at {args.img_size} px, batch {args.batch_size}, {args.dtype}, "
-          f"{args.warmup} warm-up + {args.iters} timed steps each, interleaved")
+    print(f"config: {args.preset} at {args.img_size} px, {args.global_pool} pool, batch {args.batch_size}, "
+          f"{args.dtype}, {args.warmup} warm-up + {args.iters} timed steps each, interleaved")
     print("| model | median fwd+bwd step (ms) | img/s |")
     print("|---|---|---|")
     for name, seconds in median_s.items():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -293,7 +294,7 @@ class MetricLogger:
                 self._mark_down(again)
                 return "down"
             return "split"
-        self._mark_up(len(batch))
+        self._mark_up()
         with self._lock:
             self._sent += len(batch)
         return "sent"
@@ -346,7 +347,7 @@ class MetricLogger:
                 self.retry_every_s,
             )
 
-    def _mark_up(self, n_sent: int) -> None:
+    def _mark_up(self) -> None:
         if self._down_since is not None:
             outage_s = time.monotonic() - self._down_since
             self._down_since = None
@@ -354,7 +355,7 @@ class MetricLogger:
                 "MLflow tracking at %s is back after %.0f s; sending %d queued metric records",
                 self.uri,
                 outage_s,
-                n_sent + self.pending,
+                self.pending,  # the batch just sent is still counted: it leaves the queue after this
             )
 
     def _warn_once(self, topic: str, message: str, *args: object) -> None:
@@ -378,4 +379,10 @@ def _is_permanent(error: Exception) -> bool:
 
 def _one_line(error: Exception) -> str:
     text = " ".join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    # urllib3 nests the cause that matters ("[Errno 111] Connection refused") deep in its repr
+    os_error = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if os_error:
+        return os_error.group(0).strip()
+    if "timed out" in text.lower():
+        return "request timed out"
+    return text if len(text) <= 200 else text[:197] + "..."

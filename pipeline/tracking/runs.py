@@ -338,6 +338,26 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status)
 
 
+def child_run_ids(uri: str, parent_run_id: str) -> list[str]:
+    """Ids of the runs whose `pipeline.parent_run_id` is `parent_run_id`, in any experiment, oldest first."""
+    client = _client(uri)
+    experiment_ids, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        experiment_ids += [experiment.experiment_id for experiment in page]
+        token = page.token
+        if not token:
+            break
+    found = []
+    for start in range(0, len(experiment_ids), 100):  # keep each query's experiment list short
+        found += client.search_runs(
+            experiment_ids[start : start + 100],
+            filter_string=f"tags.`pipeline.parent_run_id` = '{parent_run_id}'",
+            max_results=10_000,
+        )
+    return [run.info.run_id for run in sorted(found, key=lambda run: (run.info.start_time, run.info.run_id))]
+
+
 def log_run_artifacts(
     uri: str,
     run_id: str,

@@ -21,6 +21,7 @@ from pipeline.tracking.runs import (
     TrackingUnavailable,
     artifact_root_for,
     check_tracking_reachable,
+    child_run_ids,
     finish_run,
     flatten_params,
     log_run_artifacts,
@@ -215,8 +216,11 @@ def test_start_job_run_logs_params_and_lineage_tags(any_store):
         assert tags[f"pipeline.version.{package}"] == importlib.metadata.version(package)
     assert "pipeline.parent_run_id" not in client.get_run(parent).data.tags
     assert client.get_run(parent).info.experiment_id == run.info.experiment_id  # the experiment was reused
-    children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`pipeline.parent_run_id` = '{parent}'")
-    assert [found.info.run_id for found in children] == [child]
+    other = start_job_run(
+        uri=any_store, experiment=_unique("elsewhere"), run_name="ft2", job="finetune", config={}, parent_run_id=parent
+    )
+    assert child_run_ids(any_store, parent) == [child, other]  # across experiments, oldest first
+    assert child_run_ids(any_store, child) == []
 
     finish_run(any_store, child, "FAILED")
     finish_run(any_store, parent)
@@ -246,6 +250,13 @@ def test_more_params_than_one_request_holds(sqlite_uri):
     run_id = start_job_run(uri=sqlite_uri, experiment="wide", run_name="r", job="pretrain", config=config)
     params = MlflowClient(tracking_uri=sqlite_uri).get_run(run_id).data.params
     assert len(params) == 250 and params["grid.p249"] == "249"
+
+
+def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(runs.GIT_COMMIT_ENV, raising=False)
+    assert runs.git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv(runs.GIT_COMMIT_ENV, "0123456789abcdef0123456789abcdef01234567")
+    assert runs.git_commit(tmp_path) == "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_finish_run_rejects_unknown_status(sqlite_uri):

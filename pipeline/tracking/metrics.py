@@ -177,7 +177,10 @@ class MetricLogger:
         return number
 
     def flush(self, timeout_s: float = 30) -> bool:
-        """Send everything logged so far; True when it all reached MLflow within timeout_s. Never raises."""
+        """Send everything logged so far; True when all of it was settled within timeout_s. Never raises.
+
+        Settled means accepted by MLflow, or rejected by it as invalid (a bad metric name, warned about once).
+        """
         try:
             deadline = time.monotonic() + max(0.0, timeout_s)
             with self._lock:
@@ -196,14 +199,14 @@ class MetricLogger:
             return False
 
     def close(self, timeout_s: float = 30) -> bool:
-        """Flush (waiting at most timeout_s), then stop the sender; True when nothing was left unsent."""
+        """Flush (waiting at most timeout_s), then stop the sender; True when nothing was left unsent. Never raises."""
         delivered = self.flush(timeout_s)
         with self._lock:
             self._closing = True
             self._closed = True
-            unsent = len(self._queue)
-        self._wake.set()
+        self._wake.set()  # the sender makes one last attempt, bounded by request_timeout_s, then exits
         self._thread.join(timeout=min(max(timeout_s, 0.0), self.request_timeout_s + 1.0))
+        unsent = self.pending
         if unsent:
             log.warning(
                 "MLflow run %s: %d metric records could not be sent to %s and are lost", self.run_id, unsent, self.uri
@@ -341,7 +344,7 @@ class MetricLogger:
             self._down_since = time.monotonic()
             log.warning(
                 "MLflow tracking at %s is unavailable (%s); training goes on, metrics are kept in memory "
-                "and sent when it is back (retry every %.0f s)",
+                "and sent when it is back (retry every %g s)",
                 self.uri,
                 _one_line(error),
                 self.retry_every_s,

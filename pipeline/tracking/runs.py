@@ -38,6 +38,7 @@ GIT_COMMIT_ENV = "VIT_PIPELINE_GIT_COMMIT"  # commit to record when the code run
 DB_FILENAME = "mlflow.db"
 ARTIFACTS_DIRNAME = "mlartifacts"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+BARE_REMOTE_URIS = ("databricks", "databricks-uc", "uc")  # tracking URIs with no scheme that are not folders
 VERSION_PACKAGES = ("torch", "ray", "deepspeed", "mlflow", "timm")
 
 try:  # MLflow's own limits, so that a future change of them is followed
@@ -95,6 +96,8 @@ def local_store_path(uri: str) -> Path | None:
         return None if db in ("", ":memory:") else Path(db)
     if parsed.scheme == "file":
         return Path(urllib.request.url2pathname(parsed.path))
+    if uri in BARE_REMOTE_URIS:
+        return None
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
         return Path(uri)
     return None
@@ -126,7 +129,7 @@ def _absolute_local_uri(uri: str) -> str:
     if parsed.scheme == "file":
         path = local_store_path(uri)
         return path.resolve().as_uri() if path is not None else uri
-    if parsed.scheme == "":  # a plain folder path: MLflow's file store
+    if parsed.scheme == "" and uri not in BARE_REMOTE_URIS:  # a plain folder path: MLflow's file store
         _warn_if_in_ray_working_dir(uri)
         return Path(uri).expanduser().resolve().as_uri()
     return uri

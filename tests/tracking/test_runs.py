@@ -66,6 +66,7 @@ def test_explicit_uri_wins_over_env_and_env_over_default(tmp_path, monkeypatch, 
     assert resolve_tracking_uri() == "http://tracking.example:5000"
     assert resolve_tracking_uri("http://127.0.0.1:5001") == "http://127.0.0.1:5001"
     assert artifact_root_for("http://127.0.0.1:5001") is None  # the server decides
+    assert resolve_tracking_uri("databricks") == "databricks"  # a bare remote name, not a folder
 
 
 def test_pipeline_home_sets_the_default_folder(tmp_path, monkeypatch, no_tracking_env):

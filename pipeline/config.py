@@ -31,7 +31,7 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # width*height above this is skipped as a decompression bomb
     max_bad_fraction: float = 0.01  # stop the job when bad / seen samples exceeds this ...
     min_samples_for_bad_check: int = 1000  # ... once this many samples have been seen
-    decode_batch_size: int = 64  # rows per decode task call
+    decode_batch_size: int = 64  # rows per read block and per decode call
     decode_concurrency: int = 0  # max concurrent decode tasks; 0 lets Ray Data decide
     decode_num_cpus: float = 1.0  # CPUs reserved by each decode task
     shuffle_seed: int = 0  # epoch e reads the shard files in a permutation seeded with shuffle_seed + e

@@ -26,7 +26,8 @@ def uneven_shards(tars, sizes: list[int], bad_in_largest: int) -> str:
     return str(tars.folder / "u" / "train-*.tar")
 
 
-CFG = DataConfig(img_size=16, max_bad_fraction=0.2, min_samples_for_bad_check=1, local_shuffle_buffer=16)
+# 25 % bad in the first decode call of the short-epoch test: the limit sits above it, since the order varies.
+CFG = DataConfig(img_size=16, max_bad_fraction=0.3, min_samples_for_bad_check=1, local_shuffle_buffer=16)
 
 
 def test_short_epochs_are_topped_up_and_long_ones_drained(ray_local, tars):

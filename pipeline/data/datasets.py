@@ -64,10 +64,11 @@ def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, 
     # Ray fuses the read and the decode into one task per shard only if the read's blocks are not split
     # further (one read task per shard) and the decode takes whole blocks (batch_size=None; the reader's
     # blocks already hold decode_batch_size rows). Fused, raw bytes never enter the object store, and no CPU
-    # is held by a separate reader operator: on 2 CPUs that doubled throughput.
+    # is held by a separate reader operator: on 2 CPUs, 279 -> 480 images/s (docs/benchmarks.md).
     raw = read_shards(paths, fs, seed=cfg.shuffle_seed if train else None, first_epoch=first_epoch,
                       rows_per_block=cfg.decode_batch_size, override_num_blocks=len(paths),
-                      num_cpus=cfg.decode_num_cpus)  # equal CPU requests are a condition of fusion too
+                      # equal CPU requests and concurrency caps are conditions of fusion too
+                      num_cpus=cfg.decode_num_cpus, concurrency=cfg.decode_concurrency or None)
     dataset = raw.map_batches(
         decode_batch,
         fn_kwargs={"cfg": cfg, "train": train, "num_classes": num_classes, "policy": policy},

@@ -1,6 +1,6 @@
 """Images/s of our Ray Data decode pipeline vs webdataset's DataLoader and a bare loop, and its peak RSS.
 
-All three read the same ImageNet-like shards (JPEGs of about 500x375 at quality 90, cut and rescaled at random
+All of them read the same ImageNet-like shards (JPEGs of about 500x375 at quality 90, cut and rescaled at random
 from the photos scikit-learn ships) and produce 224 px RandomResizedCrop + horizontal flip uint8 images:
   (a) ours: build_image_dataset(train=True) iterated with iter_torch_batches, on a local Ray that is given
       --ray-cpus logical CPUs (default twice the cores: Ray Data leaves ~0.15 s between one decode task's end
@@ -11,7 +11,7 @@ from the photos scikit-learn ships) and produce 224 px RandomResizedCrop + horiz
   (c) bare: one process decoding and cropping the same bytes with our per-image transform (no pipeline),
       times --cores: the practical limit of (a) on these cores;
   (c-pil) the same bare loop with (b)'s Pillow decode and torchvision crop, times --cores, for context.
-After one untimed warm-up epoch each (worker start-up, imports), the four are timed in turn, --rounds times,
+After one untimed warm-up epoch each (worker start-up, imports), the five are timed in turn, --rounds times,
 and the table gives each one's median: the CPUs of these machines are shared, and interleaving keeps a busy
 spell from landing on one contender only. Ray stays up (idle) while (b) and (c) run.
 Peak RSS sums the resident memory of the driver and every process it starts (Ray's GCS, raylet, workers) over

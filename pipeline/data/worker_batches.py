@@ -7,7 +7,8 @@ this iterator holds every rank to it:
   same number of rows whatever the shard sizes; `drop_last` then gives them the same number of full batches.
 - Bad samples are dropped by the decode stage, so an epoch can come up a few batches short of the manifest's
   count (equally short on every rank, thanks to the equal split). The shortfall is filled by replaying the
-  epoch's most recent batches, and counted in `padded_steps`.
+  epoch's most recent batches (the same tensors again: do not modify batches in place), and counted in
+  `padded_steps`.
 - Batches beyond `steps_per_epoch` (a manifest that undercounts) are read and discarded rather than cut off,
   so the split always finishes its epoch and the next epoch starts from a clean execution.
 

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.data.manifest import Manifest, ShardInfo, split_of, write_manifest
+from pipeline.data.manifest import Manifest, ShardInfo, manifest_name, split_of, write_manifest
 from pipeline.data.sources import Sample, Skipped, Source
 from pipeline.data.tar_reader import count_samples, expand_shards
 
@@ -65,12 +65,15 @@ def write_split(samples, classes: list[str], out: str, *, split: str, total: int
         folder = out
     local = isinstance(fs, pafs.LocalFileSystem)
     fs.create_dir(folder, recursive=True)
+    # An older manifest beside shards being rewritten would vouch for a half-written split.
+    old_manifest = posixpath.join(folder, manifest_name(split))
+    if fs.get_file_info(old_manifest).type == pafs.FileType.File:
+        fs.delete_file(old_manifest)
     staging = None if local else tempfile.TemporaryDirectory(prefix="shards-")
     write_dir = folder if local else staging.name
     shards: list[ShardInfo] = []
     skipped: list[Skipped] = []
-    widths: list[int] = []
-    heights: list[int] = []
+    sizes = {"sum_width": 0, "sum_height": 0, "max_width": 0, "max_height": 0}
 
     def on_shard_closed(fname: str) -> None:
         # ShardWriter calls this before it resets its per-shard counter, so writer.count is this shard's.
@@ -96,8 +99,10 @@ def write_split(samples, classes: list[str], out: str, *, split: str, total: int
                 skipped.append(item)
                 continue
             writer.write(sample_record(item))
-            widths.append(item.width)
-            heights.append(item.height)
+            sizes["sum_width"] += item.width
+            sizes["sum_height"] += item.height
+            sizes["max_width"] = max(sizes["max_width"], item.width)
+            sizes["max_height"] = max(sizes["max_height"], item.height)
             bar.set_postfix(shards=len(shards) + 1, skipped=len(skipped), refresh=False)
     finally:
         writer.close()
@@ -109,7 +114,7 @@ def write_split(samples, classes: list[str], out: str, *, split: str, total: int
     manifest = Manifest(
         split=split, classes=list(classes), shards=shards, writer=writer_version(),
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        skipped=len(skipped), image_stats=_image_stats(widths, heights))
+        skipped=len(skipped), image_stats=_image_stats(sizes, sum(s.num_samples for s in shards)))
     path = write_manifest(manifest, fs, folder)
     log.info("%s: %d samples in %d shards (%.1f MiB), %d skipped; manifest %s", split, manifest.num_samples,
              len(shards), manifest.num_bytes / 2**20, len(skipped), path)
@@ -148,8 +153,8 @@ def index_shards(spec: str | list[str], classes: list[str] | None = None) -> Man
     return manifest
 
 
-def _image_stats(widths: list[int], heights: list[int]) -> dict:
-    if not widths:
+def _image_stats(sizes: dict, count: int) -> dict:
+    if not count:
         return {}
-    return {"mean_width": round(sum(widths) / len(widths), 1), "mean_height": round(sum(heights) / len(heights), 1),
-            "max_width": max(widths), "max_height": max(heights)}
+    return {"mean_width": round(sizes["sum_width"] / count, 1), "mean_height": round(sizes["sum_height"] / count, 1),
+            "max_width": sizes["max_width"], "max_height": sizes["max_height"]}

@@ -42,7 +42,6 @@ class WorkerBatches:
         self.shard = shard
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
-        self.train = train
         self.ledger_name = ledger_name
         self.device = device
         self.prefetch_batches = cfg.prefetch_batches

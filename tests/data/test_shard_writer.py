@@ -1,6 +1,7 @@
 """Sources to shards and back: digits and ImageFolder round trips, manifests, sizes, remote outputs."""
 
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -63,6 +64,7 @@ def test_manifest_is_complete_and_alone(digits_dir):
     assert body["num_samples"] == 1438 and body["num_shards"] == 4 and body["num_classes"] == 10
     assert body["classes"] == [str(c) for c in range(10)] and "webdataset 1.0.2" in body["writer"]
     assert body["num_bytes"] == sum(os.path.getsize(out / s["name"]) for s in body["shards"])
+    assert body["image_stats"] == {"mean_width": 32.0, "mean_height": 32.0, "max_width": 32, "max_height": 32}
     paths, fs = expand_shards(str(out / "train-{000000..000003}.tar"))
     manifest = find_manifest(fs, paths)
     assert manifest.samples_in(paths[:2]) == 800
@@ -120,6 +122,20 @@ def test_imagefolder_keeps_original_bytes_and_counts_skipped_files(image_folder,
         meta = json.loads(row["json"])
         assert (meta["width"], meta["height"]) == Image.open(path).size
     assert sorted(int(r["__key__"]) for r in rows) == list(range(6))
+
+
+def test_rewriting_a_split_removes_its_old_manifest_first(tmp_path):
+    source = digits_source(img_size=8)
+    out = str(tmp_path / "d")
+    write_split(source.splits["val"](), source.classes, out, split="val", max_count=100, progress=False)
+
+    def failing():
+        yield from itertools.islice(source.splits["val"](), 150)
+        raise RuntimeError("source went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        write_split(failing(), source.classes, out, split="val", max_count=100, progress=False)
+    assert not (tmp_path / "d" / "val.manifest.json").exists()  # no manifest vouches for the partial rewrite
 
 
 def test_max_size_cuts_shards_and_remote_outputs_are_uploaded(tmp_path):

@@ -68,8 +68,9 @@ def decode_resized_crop(data: bytes, image: Image.Image, box: Box, out_size: int
         draft = _draft_scale(image, height, width, out_size)
         if draft > 1:
             full_w, full_h = image.size
+            # Pillow picks the largest scale s with size // requested >= s; flooring makes that exactly `draft`.
             image.draft(image.mode if image.mode in ("RGB", "L") else None,
-                        (-(-full_w // draft), -(-full_h // draft)))
+                        (max(1, full_w // draft), max(1, full_h // draft)))
             sx, sy = image.width / full_w, image.height / full_h
             top, left = int(top * sy), int(left * sx)
             height, width = max(out_size, int(height * sy)), max(out_size, int(width * sx))

@@ -218,8 +218,8 @@ def multiplied_shards(shards: list[str], folder: str, multiple: int) -> list[str
     return out
 
 
-def measure(shards: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Median images/s of each contender over interleaved rounds, after one warm-up each."""
+def measure(shards: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Images/s of each contender in each of the interleaved rounds, after one warm-up each."""
     import ray
 
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -243,7 +243,7 @@ def measure(shards: list[str], args: argparse.Namespace) -> dict[str, float]:
             for name, fn in contenders.items():
                 samples[name].append(fn())
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v[-1]:.0f}" for v in samples.values()), flush=True)
-        return {name: statistics.median(values) for name, values in samples.items()}
+        return samples
     finally:
         ray.shutdown()
 
@@ -254,8 +254,14 @@ def run(args: argparse.Namespace) -> None:
         shards = build_bench_shards(os.path.join(workdir, "shards"), args.num_images, args.shard_size, args.seed)
         print(f"{args.num_images} JPEGs in {len(shards)} shards, "
               f"{sum(os.path.getsize(s) for s in shards) / 2**20:.0f} MiB", flush=True)
-        rows = measure(shards, args)
+        samples = measure(shards, args)
+        rows = {name: statistics.median(values) for name, values in samples.items()}
         a, a_capped, b, c = (rows[k] for k in list(rows)[:4])
+        a_rounds, a_capped_rounds, b_rounds, c_rounds = list(samples.values())[:4]
+
+        def paired(xs: list[float], ys: list[float]) -> float:  # median of per-round ratios: robust to CPU drift
+            return statistics.median(x / y for x, y in zip(xs, ys, strict=True))
+
         print(f"\nData loading, {args.img_size} px RandomResizedCrop + flip, uint8 out; "
               f"{platform.machine()} {os.cpu_count()} cores, {date.today().isoformat()}")
         print("| pipeline | images/s |\n|---|---|")
@@ -263,6 +269,9 @@ def run(args: argparse.Namespace) -> None:
             print(f"| {name} | {images_per_s:.0f} |")
         print(f"\n(a)/(b) = {a / b:.2f} (goal >= 1.5); (a)/(c) = {a / c:.2f} (goal >= 0.8); capped: "
               f"{a_capped / b:.2f} and {a_capped / c:.2f}")
+        print(f"median of per-round ratios: (a)/(b) = {paired(a_rounds, b_rounds):.2f}, (a)/(c) = "
+              f"{paired(a_rounds, c_rounds):.2f}; capped: {paired(a_capped_rounds, b_rounds):.2f} and "
+              f"{paired(a_capped_rounds, c_rounds):.2f}")
         if not args.skip_rss:
             small = peak_memory_mib(shards, args.ray_cpus, args.img_size, args.batch_size)
             many = multiplied_shards(shards, os.path.join(workdir, "many"), args.rss_multiple)

@@ -79,8 +79,6 @@ def decode_resized_crop(data: bytes, image: Image.Image, box: Box, out_size: int
             pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
             pixels = _hwc_tensor(to_rgb(image))
-    except BadSample:
-        raise
     except Exception as e:  # truncated data, corrupt entropy coding, unsupported variants
         raise BadSample(UNDECODABLE, f"{type(e).__name__}: {e}") from e
     crop = pixels[:, top: top + height, left: left + width].unsqueeze(0)

@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python jobs/make_shards.py --source digits --out data/digits
-	$(BIN)/python jobs/model_smoke.py
+	$(BIN)/python jobs/pretrain.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

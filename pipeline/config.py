@@ -1,12 +1,22 @@
-"""Typed configuration for the pipeline's parts.
+"""Typed configuration for the pipeline's parts, YAML loading and `a.b=c` overrides.
 
 Each part receives only its own config object. Configs are plain dataclasses so that they serialise into
 `train_loop_config`, YAML and MLflow params unchanged; `validate()` raises `ValueError` naming the field.
+A job's config is `JobConfig` (model, data, optim, train, tracking); `load_job_config` reads a YAML file over
+the job's defaults, applies overrides and validates, raising `ConfigError` with one clear line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 
 @dataclass
@@ -68,3 +78,286 @@ class DataConfig:
 
 def _is_range(pair) -> bool:
     return len(pair) == 2 and pair[0] <= pair[1]
+
+
+@dataclass
+class ModelConfig:
+    """Which ViT to build: a preset (pipeline.model.PRESETS) and the arguments that runs change."""
+
+    preset: str = "vit_demo_patch4_32"  # named architecture
+    img_size: int = 0  # input side in pixels; 0 follows data.img_size, otherwise it must equal it
+    global_pool: str = ""  # "token" or "avg"; empty keeps the preset's
+    drop_path_rate: float = 0.0  # stochastic depth at the last block (linear from 0)
+    drop_rate: float = 0.0  # dropout before the head
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+    args: dict = field(default_factory=dict)  # any other VisionTransformer argument, e.g. {init_values: 1e-5}
+    input_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation applied on the device
+    input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def validate(self) -> ModelConfig:
+        checks = [
+            (bool(self.preset), "preset must name a model preset"),
+            (self.img_size >= 0, "img_size must be >= 0 (0 follows data.img_size)"),
+            (self.global_pool in ("", "token", "avg"), "global_pool must be 'token', 'avg' or empty"),
+            (0.0 <= self.drop_path_rate < 1.0, "drop_path_rate must be in [0, 1)"),
+            (0.0 <= self.drop_rate < 1.0, "drop_rate must be in [0, 1)"),
+            (len(self.input_mean) == 3 and len(self.input_std) == 3 and min(self.input_std) > 0,
+             "input_mean and input_std must be 3 numbers each, std > 0"),
+        ]
+        _raise_first("model", checks)
+        return self
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, warmup + cosine, and the regularisers of the ViT/DeiT recipes."""
+
+    lr: float = 1e-3  # peak learning rate at the global batch size
+    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 0  # linear warmup from 0
+    weight_decay: float = 0.05  # not applied to norms, biases, LayerScale, pos_embed, cls_token
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # 0 turns mixup off
+    cutmix_alpha: float = 0.0  # 0 turns cutmix off
+    layer_decay: float = 1.0  # layer-wise lr decay (fine-tuning); 1 turns it off
+
+    def validate(self) -> OptimConfig:
+        checks = [
+            (self.lr > 0, "lr must be > 0"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas must be two numbers in [0, 1)"),
+            (self.eps > 0, "eps must be > 0"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
+            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
+            (0.0 < self.layer_decay <= 1.0, "layer_decay must be in (0, 1]"),
+        ]
+        _raise_first("optim", checks)
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """How long, how wide, and how safely to train: steps, batch, workers, ZeRO, eval and checkpoints."""
+
+    steps: int = 1000  # optimizer steps in the run (the unit of the schedule, eval and checkpoints)
+    global_batch_size: int = 64  # images per optimizer step, all workers
+    micro_batch_size: int = 0  # images per worker per forward; 0 means global / workers (no accumulation)
+    num_workers: int = 2  # Ray Train workers (one per GPU on GPU nodes)
+    cpus_per_worker: float = 1.0  # CPUs each Train worker reserves; fractions leave CPUs to Ray Data decode
+    device: str = "auto"  # "auto" (cuda when the cluster has GPUs), "cuda" or "cpu"
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1, 2 or 3
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
+    eval_every_n_steps: int = 100  # 0 evaluates only at the end
+    checkpoint_every_n_steps: int = 100  # 0 checkpoints only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept in storage
+    log_every_n_steps: int = 10
+    seed: int = 0
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
+    resume_from: str = ""  # a checkpoint directory to continue from (model, optimizer, schedule, data position)
+    stop_after_steps: int = 0  # end this run at this step with a checkpoint (time-limited slots); 0 runs to the end
+    storage_path: str = ""  # where Ray Train keeps checkpoints (shared storage on multi-node); "" is ./runs
+    run_name: str = ""  # Ray Train run name (same name + storage resumes); "" derives one from the job and time
+
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.num_workers * self.micro_batch_size_per_worker())
+
+    def micro_batch_size_per_worker(self) -> int:
+        return self.micro_batch_size or self.global_batch_size // self.num_workers
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.num_workers >= 1, "num_workers must be >= 1"),
+            (self.global_batch_size >= 1 and self.micro_batch_size >= 0, "batch sizes must be positive"),
+            (self.global_batch_size % (self.num_workers * self.micro_batch_size_per_worker() or 1) == 0
+             and self.micro_batch_size_per_worker() >= 1,
+             f"global_batch_size {self.global_batch_size} is not divisible by num_workers {self.num_workers} "
+             f"x micro_batch_size {self.micro_batch_size_per_worker()}"),
+            (self.cpus_per_worker > 0, "cpus_per_worker must be > 0"),
+            (self.device in ("auto", "cuda", "cpu"), "device must be 'auto', 'cuda' or 'cpu'"),
+            (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
+            (not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer needs zero_stage >= 1"),
+            (self.precision in ("auto", "bf16", "fp32"), "precision must be 'auto', 'bf16' or 'fp32'"),
+            (min(self.eval_every_n_steps, self.checkpoint_every_n_steps) >= 0, "every_n_steps values must be >= 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1"),
+            (self.max_failures >= 0, "max_failures must be >= 0"),
+            (0 <= self.stop_after_steps <= self.steps, "stop_after_steps must be in [0, steps]"),
+        ]
+        _raise_first("train", checks)
+        return self
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are recorded (MLflow)."""
+
+    uri: str = ""  # MLflow tracking URI; "" uses $MLFLOW_TRACKING_URI or the local sqlite store
+    experiment: str = "vit-pipeline"  # MLflow experiment name
+    run_name: str = ""  # MLflow run name; "" uses the train run name
+    log_weights: bool = True  # log the consolidated weights as an artifact (else a tag points at them)
+
+    def validate(self) -> TrackingConfig:
+        _raise_first("tracking", [(bool(self.experiment), "experiment must not be empty")])
+        return self
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> JobConfig:
+        for part in (self.model, self.data, self.optim, self.train, self.tracking):
+            part.validate()
+        if self.model.img_size and self.model.img_size != self.data.img_size:
+            raise ValueError(f"model.img_size {self.model.img_size} differs from data.img_size "
+                             f"{self.data.img_size}; set one of them")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; ML configs mean a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: an unknown key, a wrong type or an impossible combination."""
+
+
+def load_job_config(path: str | Path | None, overrides: list[str], defaults: JobConfig | None = None,
+                    config_type: type = JobConfig) -> JobConfig:
+    """`defaults` <- YAML file `path` <- `a.b=c` overrides, then validated; raises ConfigError."""
+    config = defaults if defaults is not None else config_type()
+    try:
+        if path:
+            text = Path(path).read_text()
+            values = parse_yaml(text) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+            config = merge(config, values)
+        for override in overrides:
+            key, sep, raw = override.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {override!r} is not of the form section.key=value")
+            config = merge(config, _nest(key.strip().split("."), parse_yaml(raw) if raw else ""))
+        return config.validate()
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse YAML: {err}".splitlines()[0]) from err
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def config_from_dict(config_type: type, values: dict):
+    """Rebuild a config dataclass from `to_dict()` output (e.g. inside a Ray Train worker)."""
+    return merge(config_type(), values)
+
+
+def merge(config, values: dict, prefix: str = ""):
+    """A copy of dataclass `config` with `values` (nested dicts) applied, type-checked field by field."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
+    changes = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, f"{dotted}.")
+        else:
+            changes[key] = _coerce(value, hints[key], dotted)
+    return dataclasses.replace(config, **changes)
+
+
+def _coerce(value, annotation, key: str):
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(annotation)}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (tuple, list) and isinstance(value, (list, tuple)):
+        if origin is tuple and len(args) != len(value) and not (len(args) == 2 and args[1] is Ellipsis):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)}")
+        element_types = [args[0]] * len(value) if origin is list or args[-1] is Ellipsis else args
+        return origin(_coerce(v, t, key) for v, t in zip(value, element_types, strict=True))
+    elif origin is dict or annotation is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"{key}: {value!r} is not a {_type_name(annotation)}")
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _nest(keys: list[str], value) -> dict:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def _plain(value):
+    """Tuples become lists so that YAML stays readable and safe_load-able."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _raise_first(section: str, checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{section}.{message}")

@@ -17,6 +17,7 @@ def ray_local():
     """One local Ray instance for the whole test session, with spare logical CPUs so Ray Data never starves."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    # the dashboard serves Ray's state API, which the fault tests use to find worker processes
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
     yield ray
     ray.shutdown()

@@ -48,30 +48,38 @@ class ImageDataset:
 
 
 def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, first_epoch: int = 0,
-                        filesystem: pafs.FileSystem | None = None) -> ImageDataset:
+                        filesystem: pafs.FileSystem | None = None, shuffle_files: bool | None = None,
+                        num_classes: int | None = None, policy: BadSamplePolicy | None = None) -> ImageDataset:
     """Train datasets shuffle shard files per epoch (seed cfg.shuffle_seed + epoch) and augment; eval
-    datasets read the shards in listing order with the deterministic centre crop."""
+    datasets read the shards in listing order with the deterministic centre crop.
+
+    `shuffle_files=False` reads a train dataset's shards in the given order (the trainer plans each epoch's
+    order itself); `num_classes` and `policy` replace the manifest's class count and a new ledger. Rows carry
+    `shard`, the index of their shard in `shard_paths`.
+    """
     cfg.validate()
     paths, fs = expand_shards(spec, filesystem)
     manifest = find_manifest(fs, paths)
     num_samples = manifest.samples_in(paths) if manifest is not None else None
     classes = manifest.classes if manifest is not None else []
-    num_classes = cfg.num_classes or len(classes)
+    num_classes = num_classes or cfg.num_classes or len(classes)
     if manifest is None:
         log.warning("no manifest beside %s: epoch size unknown, labels only checked to be >= 0 unless "
                     "data.num_classes is set", paths[0])
-    policy = build_ledger(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
+    policy = policy or build_ledger(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
+    shuffle = train if shuffle_files is None else shuffle_files
     # Ray fuses the read and the decode into one task per shard only if the read's blocks are not split
     # further (one read task per shard) and the decode takes whole blocks (batch_size=None; the reader's
     # blocks already hold decode_batch_size rows). Fused, raw bytes never enter the object store, and no CPU
     # is held by a separate reader operator: on 2 CPUs, 279 -> 480 images/s (docs/benchmarks.md).
-    raw = read_shards(paths, fs, seed=cfg.shuffle_seed if train else None, first_epoch=first_epoch,
+    raw = read_shards(paths, fs, seed=cfg.shuffle_seed if shuffle else None, first_epoch=first_epoch,
                       rows_per_block=cfg.decode_batch_size, override_num_blocks=len(paths),
                       # equal CPU requests and concurrency caps are conditions of fusion too
                       num_cpus=cfg.decode_num_cpus, concurrency=cfg.decode_concurrency or None)
     dataset = raw.map_batches(
         decode_batch,
-        fn_kwargs={"cfg": cfg, "train": train, "num_classes": num_classes, "policy": policy},
+        fn_kwargs={"cfg": cfg, "train": train, "num_classes": num_classes, "policy": policy,
+                   "shard_ids": {path: i for i, path in enumerate(paths)}},
         batch_size=None,
         batch_format="numpy",
         num_cpus=cfg.decode_num_cpus,

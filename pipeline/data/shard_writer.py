@@ -158,3 +158,18 @@ def _image_stats(sizes: dict, count: int) -> dict:
         return {}
     return {"mean_width": round(sizes["sum_width"] / count, 1), "mean_height": round(sizes["sum_height"] / count, 1),
             "max_width": sizes["max_width"], "max_height": sizes["max_height"]}
+
+
+DIGITS_SHARD_SIZE = 200  # 8 train shards: decode runs in parallel and resumes at shard granularity
+
+
+def ensure_digits_shards(train_spec: str, *, img_size: int) -> None:
+    """The embedded demo's data: write the digits shards into the folder of `train_spec` unless its train
+    manifest is already there (a folder without one is a split still being written, so it is rewritten)."""
+    from pipeline.data.sources import digits_source
+
+    folder = posixpath.dirname(os.path.abspath(train_spec))
+    if os.path.exists(posixpath.join(folder, manifest_name("train"))):
+        return
+    log.info("writing the digits demo shards to %s", folder)
+    write_source(digits_source(img_size=img_size), folder, max_count=DIGITS_SHARD_SIZE, max_size=1 << 30)

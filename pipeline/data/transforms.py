@@ -63,8 +63,10 @@ def center_box(width: int, height: int, crop_pct: float) -> Box:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int,
-                 policy: BadSamplePolicy | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
-    """Raw rows (tar_reader.ROW_SCHEMA) -> {"image": uint8 (N, 3, S, S), "label": int64 (N,)} of the good rows.
+                 policy: BadSamplePolicy | None = None, seed: int | None = None,
+                 shard_ids: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Raw rows (tar_reader.ROW_SCHEMA) -> {"image": uint8 (N, 3, S, S), "label": int64 (N,)} of the good rows,
+    plus "shard" int32 (N,), the index of each row's shard in `shard_ids`, when that is given.
 
     Bad rows are dropped and reported to `policy` (which raises once too many are bad). `seed` fixes the
     augmentation draws of this batch; without it each call draws fresh entropy.
@@ -73,6 +75,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, 
     keys, urls = batch["__key__"], batch["__url__"]
     images: list[torch.Tensor] = []
     labels: list[int] = []
+    good_rows: list[int] = []  # batch row of each good sample, to look up its shard
     bad: Counter[str] = Counter()
     examples: list[str] = []
     with torch.random.fork_rng(devices=[]):
@@ -86,6 +89,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, 
                 label = parse_label(batch["cls"][i], batch["json"][i], cfg.label_key, num_classes)
                 images.append(transform(batch["image"][i]))
                 labels.append(label)
+                good_rows.append(i)
             except BadSample as e:
                 bad[e.reason] += 1
                 if len(examples) < MAX_EXAMPLES:
@@ -93,7 +97,10 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, 
     if policy is not None:
         policy.record(len(keys), dict(bad), examples)
     size = cfg.img_size
-    return {
+    out = {
         "image": torch.stack(images).numpy() if images else np.empty((0, 3, size, size), np.uint8),
         "label": np.asarray(labels, dtype=np.int64),
     }
+    if shard_ids is not None:
+        out["shard"] = np.asarray([shard_ids[urls[i]] for i in good_rows], dtype=np.int32)
+    return out

@@ -1,0 +1,120 @@
+"""Checkpoints: DeepSpeed's own to resume, plus consolidated fp32 weights to fine-tune, export and load in timm.
+
+A checkpoint directory holds:
+
+    deepspeed/            every rank's ZeRO shards (model, optimizer, scheduler, loop state) to resume from
+    model.safetensors     the full fp32 weights with timm key names, gathered from the ZeRO partitions
+    config.json           the model arguments (`VisionTransformer(**model_args)`), classes, the job config
+    train_state.json      the loop and data position: step, epoch, shards of the epoch already consumed
+
+Every rank writes into its own local directory and reports it; Ray Train merges the ranks' files into one
+checkpoint in storage. Nothing is unpickled without `weights_only=True`, DeepSpeed's own files included.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+DEEPSPEED_TAG = "deepspeed"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress
+    shards_done: list[str] = field(default_factory=list)  # shards of `epoch` whose every sample was consumed
+    images_seen: int = 0  # training images consumed, all ranks
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was made by a model of another shape."""
+
+
+def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """fp32 weights with the model's key names, assembled from ZeRO partitions. A collective: call on every
+    rank in the same order; every rank gets the result."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # None when DeepSpeed keeps no separate fp32 copy (ZeRO-0, fp32)
+        weights[name] = (param if full is None else full).detach().float().cpu().contiguous()
+    for name, buffer in engine.module.named_buffers():
+        weights[name] = buffer.detach().cpu().contiguous()
+    return weights
+
+
+def save_checkpoint(engine, directory: str | Path, *, rank: int, state: LoopState, model_config: dict) -> None:
+    """Every rank: DeepSpeed shards, then the gathered weights; rank 0 also writes the files that need one copy."""
+    directory = Path(directory)
+    engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"loop_state": asdict(state)})
+    weights = gather_full_state_dict(engine)
+    if rank == 0:
+        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+        (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+
+
+def check_compatible(directory: str | Path, model: nn.Module) -> None:
+    """Raise CheckpointMismatch naming every key whose presence or shape differs from `model`'s."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a checkpoint of this pipeline: {WEIGHTS_FILE} is missing")
+    with safe_open(str(path), framework="pt") as weights:
+        saved = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    problems = [f"{key}: checkpoint {saved[key]} vs model {expected[key]}"
+                for key in expected if key in saved and saved[key] != expected[key]]
+    problems += [f"{key}: missing from checkpoint" for key in expected if key not in saved]
+    problems += [f"{key}: not in model" for key in saved if key not in expected]
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; … {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise CheckpointMismatch(f"checkpoint {directory} was made by a different model ({len(problems)} keys "
+                                 f"differ): {shown}")
+
+
+def load_checkpoint(engine, directory: str | Path) -> LoopState:
+    """Restore model, optimizer, scheduler and the loop state from a checkpoint directory (every rank)."""
+    check_compatible(directory, engine.module)
+    if not (Path(directory) / DEEPSPEED_TAG).is_dir():
+        raise FileNotFoundError(f"{directory} holds no DeepSpeed state ({DEEPSPEED_TAG}/): cannot resume from it")
+    load_path, client_state = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint to resume from in {directory}")
+    return LoopState(**client_state["loop_state"])
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The consolidated weights of a checkpoint directory or a `model.safetensors` file."""
+    path = Path(path)
+    return load_file(str(path / WEIGHTS_FILE if path.is_dir() else path))
+
+
+def read_model_config(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make DeepSpeed unpickle its checkpoint files with `weights_only=True`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            # DeepSpeed pickles a few small objects of its own (plain numbers inside) in the ZeRO optimizer state
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine = WeightsOnlyCheckpointEngine()
+    checkpoint_engine.zipfile_serialization = True
+    engine.checkpoint_engine = checkpoint_engine

@@ -1,0 +1,34 @@
+"""The DeepSpeed config dict, built from our typed settings rather than written by hand per run."""
+
+
+def build_deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
+                           bf16: bool, grad_clip: float, offload_optimizer: bool = False,
+                           optimizer: dict | None = None) -> dict:
+    """`optimizer` is DeepSpeed's own optimizer section (fused AdamW on GPU); None means the caller passes a
+    torch optimizer instance, which on CPU avoids JIT-building fused_adam."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("train.offload_optimizer needs ZeRO stage 1, 2 or 3")
+    zero: dict = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if zero_stage == 3:
+        # the consolidated fp32 weights are gathered by pipeline.train.checkpoint, not by DeepSpeed's saver
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # a torch.optim.AdamW instance under ZeRO
+        "steps_per_print": 10**9,  # our own log lines replace DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    if optimizer is not None:
+        config["optimizer"] = optimizer
+    return config

@@ -1,0 +1,196 @@
+"""The driver side of a training job: check everything before Ray starts, then `TorchTrainer.fit()`, then
+record the outcome in MLflow.
+
+    prepare_job(job)      config-level checks that need the model or the data: one clear error, no Ray yet
+    start_ray(...)        attach to RAY_ADDRESS (ray job submit), or start the embedded local instance
+    run_job(job, ...)     MLflow run -> TorchTrainer.fit() -> artifacts -> JobResult
+"""
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.train.loop import RunInputs, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    tracking_uri: str
+    checkpoint_path: str  # the final checkpoint (DeepSpeed shards + model.safetensors + config.json)
+    metrics: dict  # the last report: step, val/top1, ...
+    wall_time_s: float
+    storage_path: str
+    run_name: str
+
+
+def absolute_shard_spec(spec: str | list[str]) -> str | list[str]:
+    """Workers do not share the driver's current directory: local relative paths become absolute."""
+    def absolute(path: str) -> str:
+        return path if "://" in path or os.path.isabs(path) else os.path.abspath(path)
+    return absolute(spec) if isinstance(spec, str) else [absolute(p) for p in spec]
+
+
+def prepare_job(job: JobConfig) -> tuple[JobConfig, RunInputs]:
+    """Resolve paths, read the train manifest for the classes, and build the model on the meta device so that
+    an impossible architecture fails here, with one line, before Ray starts. Raises ConfigError."""
+    import torch
+
+    from pipeline.model import preset_kwargs
+    from pipeline.model.vit import VisionTransformer
+    from pipeline.train.data_feed import ShardCatalog
+
+    if not job.data.train:
+        raise ConfigError("data.train is empty: give the training shards (a list, a glob or a brace pattern)")
+    data = dataclasses.replace(job.data, train=absolute_shard_spec(job.data.train),
+                               val=absolute_shard_spec(job.data.val) if job.data.val else "")
+    try:
+        catalog = ShardCatalog(data.train)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.train: {err}") from err
+    classes = catalog.classes or [str(i) for i in range(job.data.num_classes)]
+    if job.data.num_classes and job.data.num_classes != len(classes):
+        raise ConfigError(f"data.num_classes {job.data.num_classes} differs from the {len(classes)} classes "
+                          "of the train manifest")
+    if not classes:
+        raise ConfigError("the train manifest names no classes: set data.num_classes")
+    data = dataclasses.replace(data, num_classes=len(classes))
+    overrides = {"img_size": data.img_size, "num_classes": len(classes), "drop_path_rate": job.model.drop_path_rate,
+                 "drop_rate": job.model.drop_rate, **job.model.args}
+    if job.model.global_pool:
+        overrides["global_pool"] = job.model.global_pool
+    try:
+        model_args = preset_kwargs(job.model.preset, **overrides)
+        with torch.device("meta"):
+            VisionTransformer(**model_args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from err
+    if job.train.resume_from:
+        check_resumable(job.train.resume_from, model_args)
+    from pipeline.tracking.runs import TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
+
+    try:
+        check_tracking_reachable(resolve_tracking_uri(job.tracking.uri))
+    except TrackingUnavailable as err:
+        raise ConfigError(str(err)) from err
+    job = dataclasses.replace(job, data=data)
+    return job, RunInputs(model_args=_plain(model_args), classes=classes)
+
+
+def check_resumable(path: str, model_args: dict) -> None:
+    """`train.resume_from` must be a checkpoint of this pipeline made by a model of the same shape."""
+    import torch
+
+    from pipeline.model.vit import VisionTransformer
+    from pipeline.train.checkpoint import DEEPSPEED_TAG, CheckpointMismatch, check_compatible
+
+    if "://" in path:
+        return  # remote checkpoints are checked by the workers once downloaded
+    if not os.path.isdir(path):
+        raise ConfigError(f"train.resume_from: {path} does not exist or is not a directory")
+    if not os.path.isdir(os.path.join(path, DEEPSPEED_TAG)):
+        raise ConfigError(f"train.resume_from: {path} holds no DeepSpeed state ({DEEPSPEED_TAG}/), so training "
+                          "cannot resume from it")
+    with torch.device("meta"):
+        model = VisionTransformer(**model_args)
+    try:
+        check_compatible(path, model)
+    except (CheckpointMismatch, FileNotFoundError) as err:
+        raise ConfigError(f"train.resume_from: {err}") from err
+
+
+def start_ray(local_num_cpus: int | None = None):
+    """Attach to a running cluster (RAY_ADDRESS, as `ray job submit` sets it) or start the embedded local Ray
+    with its dashboard on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=local_num_cpus, dashboard_host="127.0.0.1", include_dashboard=True)
+    return ray
+
+
+def run_job(job: JobConfig, inputs: RunInputs, *, job_name: str, parent_run_id: str | None = None,
+            extra_tags: dict | None = None) -> JobResult:
+    """Create the MLflow run, train under Ray Train, log the artifacts; the run is FAILED if training fails."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.tracking.runs import default_store_dir, finish_run, resolve_tracking_uri, start_job_run
+
+    tracking_uri = resolve_tracking_uri(job.tracking.uri)
+    train_cfg = job.train
+    run_name = train_cfg.run_name or f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage_path = os.path.abspath(train_cfg.storage_path) if train_cfg.storage_path and "://" not in \
+        train_cfg.storage_path else (train_cfg.storage_path or str(default_store_dir() / "runs"))
+    use_gpu = train_cfg.device == "cuda" or (train_cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    if not use_gpu and job.train.device == "auto":
+        job = dataclasses.replace(job, train=dataclasses.replace(train_cfg, device="cpu"))
+    run_id = start_job_run(uri=tracking_uri, experiment=job.tracking.experiment,
+                           run_name=job.tracking.run_name or run_name, job=job_name, config=job.to_dict(),
+                           parent_run_id=parent_run_id, extra_tags=extra_tags)
+    inputs = dataclasses.replace(inputs, tracking_uri=tracking_uri, mlflow_run_id=run_id)
+    log.info("MLflow run %s in %s; checkpoints under %s/%s", run_id, tracking_uri, storage_path, run_name)
+    resources = {"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "inputs": dataclasses.asdict(inputs)},
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints)),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        record_outcome(job, tracking_uri, run_id, result.checkpoint.path)
+    except BaseException:
+        finish_run(tracking_uri, run_id, "FAILED")
+        raise
+    finish_run(tracking_uri, run_id, "FINISHED")
+    return JobResult(run_id=run_id, tracking_uri=tracking_uri, checkpoint_path=result.checkpoint.path,
+                     metrics=dict(result.metrics or {}), wall_time_s=time.perf_counter() - start,
+                     storage_path=storage_path, run_name=run_name)
+
+
+def record_outcome(job: JobConfig, tracking_uri: str, run_id: str, checkpoint_path: str) -> None:
+    """Artifacts: the resolved config, the curves, and the consolidated weights (or a tag pointing at them)."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.plots import metric_histories, plot_curves
+    from pipeline.tracking.runs import log_run_artifacts
+    from pipeline.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    curves = ("train/loss", "val/top1")
+    figure = plot_curves(metric_histories(tracking_uri, [run_id], metrics=curves), metrics=curves,
+                         title=job.tracking.run_name or run_id)
+    with tempfile.TemporaryDirectory() as weights_dir:
+        files = {}
+        if job.tracking.log_weights and "://" not in checkpoint_path:
+            for name in (WEIGHTS_FILE, CONFIG_FILE):  # links: the weights are not copied twice
+                os.symlink(Path(checkpoint_path) / name, Path(weights_dir) / name)
+            files = {"weights": weights_dir}
+        log_run_artifacts(tracking_uri, run_id, config_yaml=job.to_yaml(), figures={"curves": figure}, files=files)
+    MlflowClient(tracking_uri).set_tag(run_id, "pipeline.checkpoint", checkpoint_path)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return list(value)
+    return value

@@ -1,0 +1,258 @@
+"""The training loop that every worker runs: DeepSpeed engine, per-epoch data, eval, checkpoints, metrics.
+
+The loop talks to Ray only through its `TrainContext` (context.py), so it also runs in one process with
+`LocalContext`. Every rank runs exactly `train.steps` optimizer steps and calls every collective (eval,
+checkpoint, report) at the same steps, so no rank waits on another that has stopped.
+"""
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.config import JobConfig, config_from_dict
+from pipeline.train.checkpoint import (
+    LoopState,
+    load_checkpoint,
+    read_weights,
+    save_checkpoint,
+    use_weights_only_loading,
+)
+from pipeline.train.context import RayTrainContext
+from pipeline.train.evaluate import InputPipeline, evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInputs:
+    """What the driver resolved before training; serialisable, passed in `train_loop_config`."""
+
+    model_args: dict  # VisionTransformer(**model_args)
+    classes: list[str]
+    tracking_uri: str = ""
+    mlflow_run_id: str = ""  # rank 0 logs step metrics into this run; "" logs nothing
+    init_weights: str = ""  # weights loaded before training when not resuming (fine-tuning)
+    extra_config: dict = field(default_factory=dict)  # written into every checkpoint's config.json
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: rebuild the typed config on the worker, then run the loop."""
+    job = config_from_dict(JobConfig, config["job"])
+    run_training(job, RunInputs(**config["inputs"]), RayTrainContext())
+
+
+def configure_worker_logging() -> None:
+    """Our INFO lines reach the driver; Ray Data's progress bars, one per epoch and rank, do not."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logger = logging.getLogger("pipeline")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def resolve_device(job: JobConfig, local_rank: int) -> torch.device:
+    if job.train.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if job.train.device == "cuda":
+        raise RuntimeError("train.device=cuda but this worker sees no GPU")
+    return torch.device("cpu")
+
+
+def build_engine(job: JobConfig, inputs: RunInputs, world_size: int, device: torch.device):
+    """Model from config, AdamW param groups, warmup+cosine, wrapped by DeepSpeed."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed is first imported
+    import deepspeed
+
+    from pipeline.model import VisionTransformer
+    from pipeline.train.deepspeed_config import build_deepspeed_config
+    from pipeline.train.optim import build_optimizer, build_scheduler
+
+    torch.manual_seed(job.train.seed)  # identical initial weights on every rank
+    model = VisionTransformer(**inputs.model_args)
+    if inputs.init_weights:
+        model.load_state_dict(read_weights(inputs.init_weights), strict=True)
+    model.set_grad_checkpointing(job.model.grad_checkpointing)
+    model.to(device)
+    optim = job.optim
+    optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
+                                eps=optim.eps, layer_decay=optim.layer_decay, fused=device.type == "cuda")
+    scheduler = build_scheduler(optimizer, warmup_steps=optim.warmup_steps, total_steps=job.train.steps,
+                                min_lr_ratio=optim.min_lr_ratio)
+    bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and device.type == "cuda")
+    ds_config = build_deepspeed_config(
+        micro_batch_size=job.train.micro_batch_size_per_worker(), grad_accum_steps=job.train.grad_accum_steps(),
+        world_size=world_size, zero_stage=job.train.zero_stage, bf16=bf16, grad_clip=optim.grad_clip,
+        offload_optimizer=job.train.offload_optimizer)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    use_weights_only_loading(engine)
+    return engine, (torch.bfloat16 if bf16 else torch.float32)
+
+
+def train_step(engine, images: torch.Tensor, targets: torch.Tensor, *, micro_batch: int, accum: int,
+               label_smoothing: float) -> torch.Tensor:
+    """One optimizer step over `accum` micro-batches; DeepSpeed accumulates and steps at the boundary."""
+    for i in range(accum):
+        part = slice(i * micro_batch, (i + 1) * micro_batch)
+        loss = F.cross_entropy(engine(images[part]).float(), targets[part], label_smoothing=label_smoothing)
+        engine.backward(loss)
+        engine.step()
+    return loss
+
+
+class Progress:
+    """Rolling step timings for the log line and the rate metrics."""
+
+    def __init__(self, total_steps: int, start_step: int, images_per_step: int):
+        self.total_steps = total_steps
+        self.images_per_step = images_per_step
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.window_data_wait_s = 0.0
+        self.losses: list[float] = []
+        self.run_start = self.window_start
+        self.start_step = start_step
+
+    def add(self, loss: torch.Tensor, data_wait_s: float) -> None:
+        self.window_steps += 1
+        self.window_data_wait_s += data_wait_s
+        self.losses.append(loss.detach())
+
+    def flush(self, step: int, lr: float, world_size: int) -> dict[str, float]:
+        """Window averages (loss summed over ranks: a collective), then a new window."""
+        now = time.perf_counter()
+        elapsed_s = max(now - self.window_start, 1e-9)
+        loss = torch.stack(self.losses).float().mean().cpu()
+        if world_size > 1:
+            dist.all_reduce(loss)
+            loss /= world_size
+        steps = max(self.window_steps, 1)
+        metrics = {
+            "train/loss": loss.item(),
+            "train/lr": lr,
+            "train/images_per_s": self.window_steps * self.images_per_step / elapsed_s,
+            "train/step_time_s": (elapsed_s - self.window_data_wait_s) / steps,
+            "train/data_wait_s": self.window_data_wait_s / steps,
+        }
+        done = step - self.start_step
+        eta_s = (now - self.run_start) / max(done, 1) * (self.total_steps - step)
+        metrics["_line"] = (f"step {step}/{self.total_steps} | loss {metrics['train/loss']:.3f} | lr {lr:.2e} | "
+                            f"{metrics['train/images_per_s']:.0f} img/s | data wait "
+                            f"{100 * self.window_data_wait_s / elapsed_s:.0f}% | eta {format_duration(eta_s)}")
+        self.window_start, self.window_steps, self.window_data_wait_s, self.losses = now, 0, 0.0, []
+        return metrics
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
+    """Train to `job.train.steps` (or `stop_after_steps`), resuming from the context's latest checkpoint or
+    `train.resume_from`."""
+    from pipeline.data.bad_samples import build_ledger
+    from pipeline.tracking.metrics import MetricLogger
+    from pipeline.train.data_feed import ShardCatalog, TrainFeed, build_eval_stream
+
+    configure_worker_logging()
+    train_cfg, rank, world_size = job.train, ctx.rank, ctx.world_size
+    device = resolve_device(job, ctx.local_rank)
+    engine, dtype = build_engine(job, inputs, world_size, device)
+    state = LoopState()
+    with ctx.latest_checkpoint() as checkpoint_dir:
+        source = checkpoint_dir or train_cfg.resume_from
+        if source:
+            state = load_checkpoint(engine, source)
+            if rank == 0:
+                log.info("resumed from %s at step %d (epoch %d, %d shards of it done)", source, state.step,
+                         state.epoch, len(state.shards_done))
+    torch.manual_seed(train_cfg.seed * 10_000 + rank * 1_000 + state.step)  # augmentation draws differ per rank
+
+    num_classes = len(inputs.classes)
+    data_cfg = job.data
+    train_policy = val_policy = None
+    if rank == 0:  # the ledgers live as long as rank 0; decode tasks of rank 0's datasets report to them
+        train_policy = build_ledger(data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
+        val_policy = build_ledger(data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
+    per_rank_batch = train_cfg.global_batch_size // world_size
+    feed = TrainFeed(ShardCatalog(data_cfg.train), data_cfg, rank=rank, world_size=world_size,
+                     batch_size=per_rank_batch, num_classes=num_classes, policy=train_policy, device=device)
+    val_stream = build_eval_stream(data_cfg, rank=rank, world_size=world_size, num_classes=num_classes,
+                                   policy=val_policy) if data_cfg.val else None
+    inputs_pipeline = InputPipeline(job.model.input_mean, job.model.input_std, device, dtype,
+                                    num_classes=num_classes, mixup_alpha=job.optim.mixup_alpha,
+                                    cutmix_alpha=job.optim.cutmix_alpha)
+    metric_logger = MetricLogger(inputs.tracking_uri, inputs.mlflow_run_id) if rank == 0 and inputs.mlflow_run_id \
+        else None
+    if metric_logger is not None and state.step > 0:  # marks in MLflow where a restarted or resumed run picked up
+        metric_logger.log({"train/resumed_at_step": state.step}, step=state.step)
+    micro_batch, accum = train_cfg.micro_batch_size_per_worker(), train_cfg.grad_accum_steps()
+    progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size)
+    batches = feed.epochs(state.epoch, state.shards_done)
+    last_val: dict[str, float] = {}
+    stop_step = train_cfg.stop_after_steps or train_cfg.steps
+    try:
+        while state.step < stop_step:
+            wait_start = time.perf_counter()
+            epoch, batch = next(batches)
+            data_wait_s = time.perf_counter() - wait_start
+            images, targets = inputs_pipeline.train_batch(batch)
+            loss = train_step(engine, images, targets, micro_batch=micro_batch, accum=accum,
+                              label_smoothing=job.optim.label_smoothing)
+            state.step += 1
+            state.epoch = epoch
+            state.images_seen += train_cfg.global_batch_size
+            progress.add(loss, data_wait_s)
+
+            metrics: dict[str, float] = {}
+            if due(state.step, train_cfg.log_every_n_steps, stop_step):
+                metrics.update(progress.flush(state.step, max(engine.lr_scheduler.get_last_lr()), world_size))
+                metrics.update(feed.metrics())
+                metrics["train/epoch"] = epoch
+            if val_stream is not None and due(state.step, train_cfg.eval_every_n_steps, stop_step):
+                last_val = evaluate(engine, val_stream, inputs_pipeline, batch_size=micro_batch,
+                                    world_size=world_size, image_shape=(3, data_cfg.img_size, data_cfg.img_size))
+                metrics.update(last_val)
+                metrics["_line"] = metrics.get("_line", f"step {state.step}/{train_cfg.steps}") + (
+                    f" | val top-1 {last_val['val/top1']:.3f} loss {last_val['val/loss']:.3f}")
+            line = metrics.pop("_line", None)
+            if rank == 0 and line:
+                print(line, flush=True)
+            if metric_logger is not None and metrics:
+                metric_logger.log(metrics, step=state.step)
+            if due(state.step, train_cfg.checkpoint_every_n_steps, stop_step):
+                state.shards_done = feed.shards_done()
+                with tempfile.TemporaryDirectory(prefix="vit-checkpoint-") as directory:
+                    save_checkpoint(engine, directory, rank=rank, state=state,
+                                    model_config=checkpoint_config(job, inputs))
+                    ctx.report({"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
+                                **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))},
+                                **{f"last_{k}": v for k, v in last_val.items()}}, directory)
+    finally:
+        if metric_logger is not None:
+            metric_logger.close()
+    return state
+
+
+def checkpoint_config(job: JobConfig, inputs: RunInputs) -> dict:
+    """config.json: enough to rebuild the model anywhere (`VisionTransformer(**model_args)`) and to trace it."""
+    return {"architecture": "vision_transformer", "model_args": inputs.model_args, "classes": inputs.classes,
+            "job": job.to_dict(), **inputs.extra_config}

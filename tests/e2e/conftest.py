@@ -1,0 +1,47 @@
+"""Shared pieces of the end-to-end tests: digits shards written once, and a tiny pretrain config for the real
+local Ray (the session fixture `ray_local`), real DeepSpeed and a real MLflow sqlite store. Helpers reach the
+test modules as fixtures (the suite runs with --import-mode=importlib)."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_job_config
+from pipeline.data.shard_writer import DIGITS_SHARD_SIZE, write_source
+from pipeline.data.sources import digits_source
+
+DEMO_CONFIG = Path(__file__).parents[2] / "jobs" / "configs" / "digits_pretrain.yaml"
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("digits")
+    write_source(digits_source(img_size=32), str(folder), max_count=DIGITS_SHARD_SIZE, max_size=1 << 30,
+                 progress=False)
+    return folder
+
+
+@pytest.fixture
+def tiny_job():
+    return build_tiny_job
+
+
+@pytest.fixture
+def metric_history():
+    return read_metric_history
+
+
+def build_tiny_job(folder: Path, workdir: Path, *overrides: str):
+    """The demo config on the session's digits shards, with its store and checkpoints under `workdir`."""
+    return load_job_config(DEMO_CONFIG, [
+        f"data.train={folder}/train-*.tar", f"data.val={folder}/val-*.tar",
+        f"train.storage_path={workdir}/runs", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+        "train.global_batch_size=32", "optim.warmup_steps=2", "train.log_every_n_steps=1",
+        "data.local_shuffle_buffer=0", *overrides,
+    ])
+
+
+def read_metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))

@@ -1,0 +1,173 @@
+"""Pretraining end to end: DeepSpeed ZeRO 0-3 on 2 CPU workers under Ray Train, checkpoints, resume at shard
+granularity, a worker killed mid-run, and the errors a user meets before Ray starts."""
+
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+from pipeline.config import ConfigError
+from pipeline.data.datasets import build_image_dataset
+from pipeline.model import VisionTransformer
+from pipeline.train.checkpoint import STATE_FILE, read_weights
+from pipeline.train.evaluate import InputPipeline
+from pipeline.train.launch import prepare_job, run_job
+
+pytestmark = pytest.mark.e2e
+
+
+def val_top1(job, model) -> float:
+    """Top-1 of `model` on the val shards, decoded in this process's Ray exactly as the trainer's eval does."""
+    data = build_image_dataset(job.data.val, job.data, train=False, num_classes=10).dataset
+    inputs = InputPipeline(job.model.input_mean, job.model.input_std, torch.device("cpu"), torch.float32,
+                           num_classes=10)
+    correct = total = 0
+    with torch.no_grad():
+        for batch in data.iter_torch_batches(batch_size=128):
+            correct += (model(inputs.images(batch["image"])).argmax(1) == batch["label"]).sum().item()
+            total += len(batch["label"])
+    return correct / total
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_trains_on_two_cpu_workers_and_consolidates(stage, ray_local, digits_shards, tmp_path,
+                                                                tiny_job, metric_history):
+    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=24",
+                                       "train.eval_every_n_steps=0", "train.checkpoint_every_n_steps=0"))
+    result = run_job(job, inputs, job_name="pretrain")
+    losses = [value for _, value in metric_history(result.tracking_uri, result.run_id, "train/loss")]
+    assert len(losses) == 24
+    assert statistics.mean(losses[-6:]) < statistics.mean(losses[:6]) - 0.05, losses
+
+    weights = read_weights(result.checkpoint_path)
+    model = VisionTransformer(**inputs.model_args).eval()
+    model.load_state_dict(weights, strict=True)
+    assert val_top1(job, model) == pytest.approx(result.metrics["last_val/top1"], abs=1e-9)
+    theirs = TimmVisionTransformer(**inputs.model_args).eval()
+    theirs.load_state_dict(weights, strict=True)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(images) - theirs(images)).abs().max().item() <= 1e-5
+
+
+def test_resume_continues_the_step_count_and_the_epoch_at_shard_granularity(ray_local, digits_shards, tmp_path,
+                                                                            tiny_job, metric_history):
+    steps, half = 60, 30  # 1437 train images / 32 = 44 steps per epoch: the stop falls inside epoch 0
+    common = (f"train.steps={steps}", "train.checkpoint_every_n_steps=30", "train.eval_every_n_steps=0",
+              "data.prefetch_batches=1")
+    straight = run_job(*prepare_job(tiny_job(digits_shards, tmp_path / "a", *common)), job_name="pretrain")
+    first = run_job(*prepare_job(tiny_job(digits_shards, tmp_path / "b", *common, f"train.stop_after_steps={half}")),
+                    job_name="pretrain")
+    state = json.loads((Path(first.checkpoint_path) / STATE_FILE).read_text())
+    assert state["step"] == half and state["epoch"] == 0
+    assert 1 <= len(state["shards_done"]) < 8
+    second = run_job(*prepare_job(tiny_job(digits_shards, tmp_path / "b", *common,
+                                           f"train.resume_from={first.checkpoint_path}")), job_name="pretrain")
+    assert second.metrics["step"] == steps
+
+    resumed = metric_history(second.tracking_uri, second.run_id, "train/loss")
+    assert [step for step, _ in resumed] == list(range(half + 1, steps + 1))  # the counter continues
+    full = dict(metric_history(straight.tracking_uri, straight.run_id, "train/loss"))
+    window = range(steps - 9, steps + 1)
+    assert statistics.mean(v for s, v in resumed if s in window) == pytest.approx(
+        statistics.mean(full[s] for s in window), abs=0.15)
+
+    # The resumed epoch read only the shards not finished before the stop: its length in steps is what those
+    # shards hold (partly read shards are read again), after which epoch 1 begins.
+    manifest = json.loads((digits_shards / "train.manifest.json").read_text())
+    done = {Path(path).name for path in state["shards_done"]}
+    left = sum(shard["num_samples"] for shard in manifest["shards"] if shard["name"] not in done)
+    epochs = dict(metric_history(second.tracking_uri, second.run_id, "train/epoch"))
+    first_step_of_epoch_1 = min(step for step, epoch in epochs.items() if epoch == 1)
+    assert first_step_of_epoch_1 == half + left // 32 + 1
+    final = json.loads((Path(second.checkpoint_path) / STATE_FILE).read_text())
+    assert final["epoch"] == 1 and final["images_seen"] == steps * 32
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shards, tmp_path, tiny_job,
+                                                         metric_history):
+    from ray.util.state import list_actors
+
+    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, "train.steps=50", "train.checkpoint_every_n_steps=10",
+                                       "train.eval_every_n_steps=0", "train.max_failures=1"))
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_job(job, inputs, job_name="pretrain")))
+    thread.start()
+    runs = tmp_path / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(runs.glob(f"*/checkpoint_*/{STATE_FILE}")):
+        time.sleep(0.5)
+    states = [json.loads(p.read_text()) for p in runs.glob(f"*/checkpoint_*/{STATE_FILE}")]
+    assert states, "no checkpoint within 5 minutes"
+    checkpointed_step = max(s["step"] for s in states)
+    # Ray registers a checkpoint once every rank has reported it: wait until both ranks are past it
+    from mlflow import MlflowClient
+
+    client = MlflowClient(job.tracking.uri)
+    experiment = client.get_experiment_by_name(job.tracking.experiment)
+    while time.time() < deadline:
+        run = client.search_runs([experiment.experiment_id])[0]
+        if max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")), default=0) \
+                >= checkpointed_step + 3:
+            break
+        time.sleep(0.5)
+    address = ray_local.get_runtime_context().gcs_address  # this session's Ray, not another on the host
+    workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2
+    victim = workers[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "result" in outcome, "the run did not finish after the worker was killed"
+    result = outcome["result"]
+    assert result.metrics["step"] == 50
+
+    dead = list_actors(address=address, filters=[("actor_id", "=", victim.actor_id)])
+    assert dead[0].state == "DEAD"
+    history = metric_history(result.tracking_uri, result.run_id, "train/loss")
+    values: dict[int, set[float]] = {}
+    for step, value in history:
+        values.setdefault(step, set()).add(value)
+    assert set(values) == set(range(1, 51))
+    resumed_at = [int(v) for _, v in metric_history(result.tracking_uri, result.run_id, "train/resumed_at_step")]
+    assert len(resumed_at) == 1 and resumed_at[0] % 10 == 0 and resumed_at[0] >= max(10, checkpointed_step - 10)
+    # steps up to the checkpoint it restarted from were not redone; only the ones after it may hold two values
+    assert all(len(values[step]) == 1 for step in range(1, resumed_at[0] + 1))
+
+    model = VisionTransformer(**inputs.model_args).eval()
+    model.load_state_dict(read_weights(result.checkpoint_path), strict=True)
+    assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+    assert json.loads((Path(result.checkpoint_path) / STATE_FILE).read_text())["step"] == 50
+
+
+def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job):
+    with pytest.raises(ConfigError, match="img_size height 30 is not divisible by patch size"):
+        prepare_job(tiny_job(digits_shards, tmp_path, "data.img_size=30"))
+    with pytest.raises(ConfigError, match="resume_from: .*/missing does not exist"):
+        prepare_job(tiny_job(digits_shards, tmp_path, f"train.resume_from={tmp_path}/missing"))
+    with pytest.raises(ConfigError, match="unknown model preset 'vit_gigantic'; known presets: "):
+        prepare_job(tiny_job(digits_shards, tmp_path, "model.preset=vit_gigantic"))
+    with pytest.raises(ConfigError, match="http://127.0.0.1:9"):
+        prepare_job(tiny_job(digits_shards, tmp_path, "tracking.uri=http://127.0.0.1:9"))
+    with pytest.raises(ConfigError, match="data.train: no manifest beside"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        (empty / "train-000000.tar").write_bytes(b"")
+        prepare_job(tiny_job(digits_shards, tmp_path, f"data.train={empty}/train-*.tar"))
+
+    other = tmp_path / "other-model"
+    (other / "deepspeed").mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    from pipeline.model import build_model
+
+    save_file({k: v.contiguous() for k, v in build_model("vit_demo_patch4_32", depth=2).state_dict().items()},
+              str(other / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"different model .*blocks\.2\.norm1\.weight: missing from checkpoint"):
+        prepare_job(tiny_job(digits_shards, tmp_path, f"train.resume_from={other}"))

@@ -1,0 +1,52 @@
+import pytest
+
+from pipeline.config import ConfigError, JobConfig, config_from_dict, load_job_config
+
+
+def test_yaml_then_overrides_with_ml_style_floats(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  betas: [0.9, 0.95]\ntrain:\n  steps: 50\ndata:\n  img_size: 32\n")
+    job = load_job_config(path, ["train.steps=70", "model.args={init_values: 1e-5}", "data.train=[a.tar, b.tar]"])
+    assert job.optim.lr == 1e-3 and isinstance(job.optim.lr, float)
+    assert job.optim.betas == (0.9, 0.95)
+    assert job.train.steps == 70
+    assert job.model.args == {"init_values": 1e-5}
+    assert job.data.train == ["a.tar", "b.tar"]
+    assert config_from_dict(JobConfig, job.to_dict()) == job
+    assert load_job_config(None, [], defaults=None).train.steps == JobConfig().train.steps
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.stepz=3"], "unknown config key 'train.stepz'; did you mean train.steps?"),
+    (["trian.steps=3"], "unknown config key 'trian'; did you mean train?"),
+    (["train.steps=1.5"], "train.steps: 1.5 is not a int"),
+    (["train.steps=many"], "train.steps: 'many' is not a int"),
+    (["train.zero_stage=4"], "train.zero_stage must be 0, 1, 2 or 3"),
+    (["optim.betas=[0.9]"], "optim.betas: expected 2 values"),
+    (["train.global_batch_size=10", "train.num_workers=3"],
+     "global_batch_size 10 is not divisible by num_workers 3 x micro_batch_size 3"),
+    (["train.global_batch_size=64", "train.micro_batch_size=12"],
+     "not divisible by num_workers 2 x micro_batch_size 12"),
+    (["model.img_size=64", "data.img_size=32"], "model.img_size 64 differs from data.img_size 32"),
+    (["train.offload_optimizer=true", "train.zero_stage=0"], "offload_optimizer needs zero_stage >= 1"),
+    (["train.steps"], "is not of the form section.key=value"),
+])
+def test_bad_configs_fail_with_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_job_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_job_config(tmp_path / "nope.yaml", [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot parse YAML"):
+        load_job_config(bad, [])
+
+
+def test_gradient_accumulation_is_derived():
+    job = load_job_config(None, ["train.global_batch_size=64", "train.num_workers=2", "train.micro_batch_size=8"])
+    assert job.train.grad_accum_steps() == 4 and job.train.micro_batch_size_per_worker() == 8

@@ -15,6 +15,7 @@ import sys
 SUITES = {
     "model": ("model_speed", "forward+backward step time of our ViT against timm's, side by side"),
     "data": ("data_speed", "images/s of the Ray Data pipeline against webdataset's loader and a bare loop"),
+    "train": ("train_speed", "Ray Train + DeepSpeed step against plain torch, per-rank ZeRO state bytes, GPU MFU"),
 }
 
 

@@ -39,6 +39,8 @@ def main(argv=None) -> int:
             from pipeline.data.shard_writer import ensure_digits_shards
 
             ensure_digits_shards(job.data.train, img_size=job.data.img_size)
+        if job.init_from:
+            raise ConfigError("init_from starts from pretrained weights: use jobs/finetune.py")
         job, inputs = prepare_job(job)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

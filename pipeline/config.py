@@ -85,7 +85,7 @@ class ModelConfig:
     """Which ViT to build: a preset (pipeline.model.PRESETS) and the arguments that runs change."""
 
     preset: str = "vit_demo_patch4_32"  # named architecture
-    img_size: int = 0  # input side in pixels; 0 follows data.img_size, otherwise it must equal it
+    img_size: int = 0  # input side in pixels; 0 follows data.img_size, otherwise data.img_size follows it
     global_pool: str = ""  # "token" or "avg"; empty keeps the preset's
     drop_path_rate: float = 0.0  # stochastic depth at the last block (linear from 0)
     drop_rate: float = 0.0  # dropout before the head
@@ -210,19 +210,36 @@ class TrackingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How a fine-tune starts from pretrained weights (the weights themselves come from `init_from`)."""
+
+    reset_head: bool = False  # a new head even when the class count matches
+    ema_decay: float = 0.0  # keep an EMA of the weights, evaluated and checkpointed beside them; 0 = off
+
+    def validate(self) -> FinetuneConfig:
+        _raise_first("finetune", [(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")])
+        return self
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # pretrained weights: a checkpoint dir, a model.safetensors, runs:/<mlflow run id>, or a timm state_dict file
+    init_from: str = ""
 
     def validate(self) -> JobConfig:
-        for part in (self.model, self.data, self.optim, self.train, self.tracking):
+        for part in (self.model, self.data, self.optim, self.train, self.tracking, self.finetune):
             part.validate()
         if self.model.img_size and self.model.img_size != self.data.img_size:
-            raise ValueError(f"model.img_size {self.model.img_size} differs from data.img_size "
-                             f"{self.data.img_size}; set one of them")
+            self.data = dataclasses.replace(self.data, img_size=self.model.img_size)
+        if self.finetune.ema_decay and self.train.zero_stage == 3:
+            raise ValueError("finetune.ema_decay needs train.zero_stage <= 2 (ZeRO-3 holds only a partition of "
+                             "the weights on each rank)")
         return self
 
     def to_dict(self) -> dict:

@@ -27,7 +27,7 @@ def test_yaml_then_overrides_with_ml_style_floats(tmp_path):
      "global_batch_size 10 is not divisible by num_workers 3 x micro_batch_size 3"),
     (["train.global_batch_size=64", "train.micro_batch_size=12"],
      "not divisible by num_workers 2 x micro_batch_size 12"),
-    (["model.img_size=64", "data.img_size=32"], "model.img_size 64 differs from data.img_size 32"),
+    (["finetune.ema_decay=0.99", "train.zero_stage=3"], "finetune.ema_decay needs train.zero_stage <= 2"),
     (["train.offload_optimizer=true", "train.zero_stage=0"], "offload_optimizer needs zero_stage >= 1"),
     (["train.steps"], "is not of the form section.key=value"),
 ])
@@ -50,3 +50,8 @@ def test_missing_and_malformed_files(tmp_path):
 def test_gradient_accumulation_is_derived():
     job = load_job_config(None, ["train.global_batch_size=64", "train.num_workers=2", "train.micro_batch_size=8"])
     assert job.train.grad_accum_steps() == 4 and job.train.micro_batch_size_per_worker() == 8
+
+
+def test_model_img_size_sets_the_data_crop():
+    job = load_job_config(None, ["data.img_size=32", "model.img_size=64", "init_from=runs:/abc"])
+    assert job.data.img_size == 64 and job.init_from == "runs:/abc"

@@ -580,14 +580,33 @@ def resolve_modes(args: argparse.Namespace) -> list[str]:
     return ["gpu"] if torch.cuda.is_available() else ["overhead", "memory"]
 
 
+def start_local_ray(num_cpus: int) -> None:
+    """A local Ray, no dashboard, with an unreachable state API for its processes.
+
+    Ray Train's PlacementGroupCleaner polls the state API for the controller; with no dashboard of our own it
+    resolves the newest `ray start` cluster on the host, finds no such actor there, takes the controller for
+    dead and removes the placement group, killing the workers mid-run. A refused connection is an error it
+    waits through. Ray's processes inherit the variable at start; this process gets its old value back."""
+    import ray
+
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    finally:
+        if previous is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+
+
 def run(args: argparse.Namespace) -> dict:
     import ray
 
     modes = resolve_modes(args)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(num_cpus=args.ray_cpus or args.cores, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        start_local_ray(args.ray_cpus or args.cores)
     results: dict = {}
     try:
         with tempfile.TemporaryDirectory(prefix="train-bench-") as storage_path:

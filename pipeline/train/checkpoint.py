@@ -4,6 +4,7 @@ A checkpoint directory holds:
 
     deepspeed/            every rank's ZeRO shards (model, optimizer, scheduler, loop state) to resume from
     model.safetensors     the full fp32 weights with timm key names, gathered from the ZeRO partitions
+    model_ema.safetensors the exponential moving average of the weights, when the run keeps one
     config.json           the model arguments (`VisionTransformer(**model_args)`), classes, the job config
     train_state.json      the loop and data position: step, epoch, shards of the epoch already consumed
 
@@ -22,6 +23,7 @@ from torch import nn
 
 DEEPSPEED_TAG = "deepspeed"
 WEIGHTS_FILE = "model.safetensors"
+EMA_WEIGHTS_FILE = "model_ema.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.json"
 
@@ -52,13 +54,16 @@ def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
     return weights
 
 
-def save_checkpoint(engine, directory: str | Path, *, rank: int, state: LoopState, model_config: dict) -> None:
+def save_checkpoint(engine, directory: str | Path, *, rank: int, state: LoopState, model_config: dict,
+                    ema_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Every rank: DeepSpeed shards, then the gathered weights; rank 0 also writes the files that need one copy."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"loop_state": asdict(state)})
     weights = gather_full_state_dict(engine)
     if rank == 0:
         save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        if ema_weights is not None:
+            save_file(ema_weights, str(directory / EMA_WEIGHTS_FILE), metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
 

@@ -14,6 +14,8 @@ samples repeat, none is lost.
 """
 
 import logging
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -83,6 +85,43 @@ def split_for_ranks(build, rank: int, world_size: int, *, equal: bool = True):
     return broadcast_from_rank0(splits, rank, world_size)[rank]
 
 
+class Prefetched:
+    """Drives an iterator on a thread, at most `depth` items ahead, so that the next epoch's pipeline (its read
+    and decode tasks, which need worker processes) starts while the current epoch is still being trained on,
+    instead of after it: on small epochs that start-up stalled training for seconds at every boundary."""
+
+    _END = object()
+
+    def __init__(self, iterable, depth: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.thread = threading.Thread(target=self._run, args=(iterable,), daemon=True)
+        self.thread.start()
+
+    def _run(self, iterable) -> None:
+        try:
+            for item in iterable:
+                self.queue.put((True, item))
+            self.queue.put((True, self._END))
+        except BaseException as error:  # handed to the consumer, which raises it in the training thread
+            self.queue.put((False, error))
+
+    def __iter__(self):
+        while True:
+            ok, item = self.queue.get()
+            if not ok:
+                raise item
+            if item is self._END:
+                return
+            yield item
+
+
+@dataclass
+class OpenEpoch:
+    plan: EpochPlan
+    worker_batches: WorkerBatches | None  # None when the plan has no step
+    batches: Prefetched | list  # (batch, replayed) pairs
+
+
 class TrainFeed:
     """One rank's training batches across epochs, with per-shard consumption for checkpoints."""
 
@@ -96,52 +135,67 @@ class TrainFeed:
         self.num_classes = num_classes
         self.policy = policy
         self.device = device
-        self.plan: EpochPlan | None = None
+        self.current: OpenEpoch | None = None
         self.shards_done_before: list[str] = []
         self.consumed = np.zeros(0, dtype=np.int64)
-        self.worker_batches: WorkerBatches | None = None
+
+    def open(self, epoch: int, shards_done: list[str]) -> OpenEpoch:
+        """Plan an epoch pass and start its pipeline. A collective (rank 0 hands out the splits)."""
+        plan = self.catalog.plan(epoch, shards_done, seed=self.cfg.shuffle_seed, world_size=self.world_size,
+                                 batch_size=self.batch_size)
+        if plan.steps == 0:
+            log.warning("epoch %d: the %d samples left are fewer than one global batch; next epoch", epoch,
+                        plan.num_samples)
+            return OpenEpoch(plan, None, [])
+
+        def build():
+            return build_image_dataset(plan.shards, self.cfg, train=True, shuffle_files=False,
+                                       num_classes=self.num_classes, policy=self.policy).dataset
+
+        stream = split_for_ranks(build, self.rank, self.world_size)
+        worker_batches = WorkerBatches(
+            stream, batch_size=self.batch_size, steps_per_epoch=plan.steps, cfg=self.cfg, train=True,
+            ledger_name=self.policy.ledger_name if self.policy else None, device=self.device)
+
+        def tagged():
+            padded_steps = 0
+            for batch in worker_batches.epoch():
+                yield batch, worker_batches.padded_steps != padded_steps
+                padded_steps = worker_batches.padded_steps
+
+        return OpenEpoch(plan, worker_batches, Prefetched(tagged(), depth=self.cfg.prefetch_batches))
 
     def epochs(self, epoch: int, shards_done: list[str]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yields (epoch, batch) forever, starting inside `epoch` after `shards_done`."""
+        opened = self.open(epoch, shards_done)
         while True:
-            self.plan = self.catalog.plan(epoch, shards_done, seed=self.cfg.shuffle_seed,
-                                          world_size=self.world_size, batch_size=self.batch_size)
-            self.shards_done_before = list(shards_done)
-            self.consumed = np.zeros(len(self.plan.shards), dtype=np.int64)
-            if self.plan.steps == 0:
-                log.warning("epoch %d: the %d samples left are fewer than one global batch; next epoch",
-                            epoch, self.plan.num_samples)
-            else:
-                if self.rank == 0:
-                    log.info("epoch %d: %d shards (%d already done), %d samples, %d steps", epoch,
-                             len(self.plan.shards), len(shards_done), self.plan.num_samples, self.plan.steps)
-                stream = split_for_ranks(self._build_dataset, self.rank, self.world_size)
-                self.worker_batches = WorkerBatches(
-                    stream, batch_size=self.batch_size, steps_per_epoch=self.plan.steps, cfg=self.cfg, train=True,
-                    ledger_name=self.policy.ledger_name if self.policy else None, device=self.device)
-                padded_steps = 0
-                for batch in self.worker_batches.epoch():
-                    if self.worker_batches.padded_steps == padded_steps:  # replayed batches are not new rows
-                        self.consumed += np.bincount(batch["shard"].cpu().numpy(), minlength=len(self.consumed))
-                    padded_steps = self.worker_batches.padded_steps
-                    yield epoch, batch
+            self.current, self.shards_done_before = opened, list(shards_done)
+            self.consumed = np.zeros(len(opened.plan.shards), dtype=np.int64)
+            if self.rank == 0:
+                log.info("epoch %d: %d shards (%d already done), %d samples, %d steps", epoch,
+                         len(opened.plan.shards), len(shards_done), opened.plan.num_samples, opened.plan.steps)
+            following = None
+            for batch, replayed in opened.batches:
+                if following is None:  # every rank reaches its first batch of the epoch at the same step
+                    following = self.open(epoch + 1, [])
+                if not replayed:  # replayed batches (a short epoch topped up) are not new rows
+                    self.consumed += np.bincount(batch["shard"].cpu().numpy(), minlength=len(self.consumed))
+                yield epoch, batch
+            opened = following or self.open(epoch + 1, [])
             epoch, shards_done = epoch + 1, []
-
-    def _build_dataset(self):
-        return build_image_dataset(self.plan.shards, self.cfg, train=True, shuffle_files=False,
-                                   num_classes=self.num_classes, policy=self.policy).dataset
 
     def shards_done(self) -> list[str]:
         """Shards of the current epoch fully consumed by all ranks together. A collective: call on every rank."""
         consumed = torch.from_numpy(self.consumed)
         if self.world_size > 1:
             dist.all_reduce(consumed)
-        finished = [path for path, count, seen in zip(self.plan.shards, self.plan.samples, consumed.tolist(),
-                                                      strict=True) if seen >= count]
+        plan = self.current.plan
+        finished = [path for path, count, seen in zip(plan.shards, plan.samples, consumed.tolist(), strict=True)
+                    if seen >= count]
         return self.shards_done_before + finished
 
     def metrics(self) -> dict[str, float]:
-        return self.worker_batches.metrics() if self.worker_batches else {}
+        return self.current.worker_batches.metrics() if self.current and self.current.worker_batches else {}
 
 
 def build_eval_stream(cfg: DataConfig, *, rank: int, world_size: int, num_classes: int,

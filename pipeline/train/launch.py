@@ -120,9 +120,58 @@ def start_ray(local_num_cpus: int | None = None):
     return ray
 
 
+def prepare_init(job: JobConfig, inputs: RunInputs):
+    """Fine-tuning: resolve `init_from`, check the weights fit the model (on the meta device) and decide the
+    head. Returns `InitWeights`; raises ConfigError before Ray starts."""
+    import torch
+
+    from pipeline.model.vit import VisionTransformer
+    from pipeline.tracking.runs import resolve_tracking_uri
+    from pipeline.train.init_weights import load_init_weights
+
+    if not job.init_from:
+        raise ConfigError("init_from is empty: give a checkpoint folder, a weights file or runs:/<run id>")
+    with torch.device("meta"):
+        model_state = VisionTransformer(**inputs.model_args).state_dict()
+    return load_init_weights(job.init_from, resolve_tracking_uri(job.tracking.uri), model_state,
+                             reset_head=job.finetune.reset_head)
+
+
+def with_latest_pretrain(job: JobConfig) -> JobConfig:
+    """The fine-tune default: the newest finished pretrain run of the job's experiment, at twice its resolution
+    (unless model.img_size is set). Raises ConfigError naming the command that makes one when there is none."""
+    from pipeline.tracking.lineage import LineageError, latest_pretrain_run_id, pretrain_run
+    from pipeline.tracking.runs import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(job.tracking.uri)
+    run_id = latest_pretrain_run_id(uri, job.tracking.experiment)
+    if run_id is None:
+        raise ConfigError(f"no finished pretrain run in experiment {job.tracking.experiment!r} of {uri}; make one "
+                          "with `python jobs/pretrain.py`, or give init_from=")
+    try:
+        img_size = job.model.img_size or 2 * pretrain_run(uri, run_id).img_size
+    except LineageError as err:
+        raise ConfigError(f"init_from: {err}") from err
+    log.info("fine-tuning the latest pretrain run %s at %d px", run_id, img_size)
+    model = dataclasses.replace(job.model, img_size=img_size)
+    return dataclasses.replace(job, init_from=f"runs:/{run_id}", model=model,
+                               data=dataclasses.replace(job.data, img_size=img_size))
+
+
+def run_finetune(job: JobConfig, inputs: RunInputs, init) -> JobResult:
+    """A fine-tune: the prepared init weights go to the workers through the object store, and the run is
+    linked to its source (tags `pipeline.parent_run_id`, `pipeline.init_from`; params of the resolution change)."""
+    ray = start_ray()
+    inputs = dataclasses.replace(inputs, init_weights=ray.put(init.state_dict), init_reset_head=init.reset_head)
+    return run_job(job, inputs, job_name="finetune", parent_run_id=init.parent_run_id or None,
+                   extra_tags={"pipeline.init_from": job.init_from},
+                   extra_params={"pretrain_img_size": init.source_img_size, "img_size": job.data.img_size})
+
+
 def run_job(job: JobConfig, inputs: RunInputs, *, job_name: str, parent_run_id: str | None = None,
-            extra_tags: dict | None = None) -> JobResult:
-    """Create the MLflow run, train under Ray Train, log the artifacts; the run is FAILED if training fails."""
+            extra_tags: dict | None = None, extra_params: dict | None = None) -> JobResult:
+    """Create the MLflow run, train under Ray Train, log the artifacts; the run is FAILED if training fails.
+    `extra_params` are logged beside the flattened config (lineage such as `pretrain_img_size`)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -138,9 +187,11 @@ def run_job(job: JobConfig, inputs: RunInputs, *, job_name: str, parent_run_id: 
     if not use_gpu and job.train.device == "auto":
         job = dataclasses.replace(job, train=dataclasses.replace(train_cfg, device="cpu"))
     run_id = start_job_run(uri=tracking_uri, experiment=job.tracking.experiment,
-                           run_name=job.tracking.run_name or run_name, job=job_name, config=job.to_dict(),
-                           parent_run_id=parent_run_id, extra_tags=extra_tags)
-    inputs = dataclasses.replace(inputs, tracking_uri=tracking_uri, mlflow_run_id=run_id)
+                           run_name=job.tracking.run_name or run_name, job=job_name,
+                           config={**job.to_dict(), **(extra_params or {})}, parent_run_id=parent_run_id,
+                           extra_tags=extra_tags)
+    inputs = dataclasses.replace(inputs, tracking_uri=tracking_uri, mlflow_run_id=run_id,
+                                 extra_config={**inputs.extra_config, "mlflow_run_id": run_id})
     log.info("MLflow run %s in %s; checkpoints under %s/%s", run_id, tracking_uri, storage_path, run_name)
     resources = {"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -173,7 +224,7 @@ def record_outcome(job: JobConfig, tracking_uri: str, run_id: str, checkpoint_pa
 
     from pipeline.tracking.plots import metric_histories, plot_curves
     from pipeline.tracking.runs import log_run_artifacts
-    from pipeline.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+    from pipeline.train.checkpoint import CONFIG_FILE, EMA_WEIGHTS_FILE, WEIGHTS_FILE
 
     curves = ("train/loss", "val/top1")
     figure = plot_curves(metric_histories(tracking_uri, [run_id], metrics=curves), metrics=curves,
@@ -181,8 +232,9 @@ def record_outcome(job: JobConfig, tracking_uri: str, run_id: str, checkpoint_pa
     with tempfile.TemporaryDirectory() as weights_dir:
         files = {}
         if job.tracking.log_weights and "://" not in checkpoint_path:
-            for name in (WEIGHTS_FILE, CONFIG_FILE):  # links: the weights are not copied twice
-                os.symlink(Path(checkpoint_path) / name, Path(weights_dir) / name)
+            for name in (WEIGHTS_FILE, EMA_WEIGHTS_FILE, CONFIG_FILE):  # links: the weights are not copied twice
+                if (Path(checkpoint_path) / name).exists():
+                    os.symlink(Path(checkpoint_path) / name, Path(weights_dir) / name)
             files = {"weights": weights_dir}
         log_run_artifacts(tracking_uri, run_id, config_yaml=job.to_yaml(), figures={"curves": figure}, files=files)
     MlflowClient(tracking_uri).set_tag(run_id, "pipeline.checkpoint", checkpoint_path)

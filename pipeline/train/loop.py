@@ -10,6 +10,8 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.config import JobConfig, config_from_dict
 from pipeline.train.checkpoint import (
+    EMA_WEIGHTS_FILE,
     LoopState,
     load_checkpoint,
     read_weights,
@@ -24,6 +27,7 @@ from pipeline.train.checkpoint import (
     use_weights_only_loading,
 )
 from pipeline.train.context import RayTrainContext
+from pipeline.train.ema import WeightEMA
 from pipeline.train.evaluate import InputPipeline, evaluate
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,8 @@ class RunInputs:
     classes: list[str]
     tracking_uri: str = ""
     mlflow_run_id: str = ""  # rank 0 logs step metrics into this run; "" logs nothing
-    init_weights: str = ""  # weights loaded before training when not resuming (fine-tuning)
+    init_weights: Any = None  # fine-tuning: a state_dict (or a Ray ObjectRef of one) loaded before training
+    init_reset_head: bool = False  # the init weights carry no head: it keeps its fresh initialisation
     extra_config: dict = field(default_factory=dict)  # written into every checkpoint's config.json
 
 
@@ -45,6 +50,17 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config on the worker, then run the loop."""
     job = config_from_dict(JobConfig, config["job"])
     run_training(job, RunInputs(**config["inputs"]), RayTrainContext())
+
+
+def load_init_weights(model, weights, *, reset_head: bool) -> None:
+    """Pretrained weights into the fresh model (position embeddings are resampled by the model's load hook)."""
+    import ray
+
+    state = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"head.weight", "head.bias"} if reset_head else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise RuntimeError(f"init weights do not fit the model: missing {missing}, unexpected {unexpected}")
 
 
 def configure_worker_logging() -> None:
@@ -58,6 +74,7 @@ def configure_worker_logging() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # Ray Train's root handlers would print every line a second time
 
 
 def resolve_device(job: JobConfig, local_rank: int) -> torch.device:
@@ -81,8 +98,8 @@ def build_engine(job: JobConfig, inputs: RunInputs, world_size: int, device: tor
 
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     model = VisionTransformer(**inputs.model_args)
-    if inputs.init_weights:
-        model.load_state_dict(read_weights(inputs.init_weights), strict=True)
+    if inputs.init_weights is not None:
+        load_init_weights(model, inputs.init_weights, reset_head=inputs.init_reset_head)
     model.set_grad_checkpointing(job.model.grad_checkpointing)
     model.to(device)
     optim = job.optim
@@ -176,7 +193,7 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
     train_cfg, rank, world_size = job.train, ctx.rank, ctx.world_size
     device = resolve_device(job, ctx.local_rank)
     engine, dtype = build_engine(job, inputs, world_size, device)
-    state = LoopState()
+    state, ema = LoopState(), None
     with ctx.latest_checkpoint() as checkpoint_dir:
         source = checkpoint_dir or train_cfg.resume_from
         if source:
@@ -184,6 +201,10 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
             if rank == 0:
                 log.info("resumed from %s at step %d (epoch %d, %d shards of it done)", source, state.step,
                          state.epoch, len(state.shards_done))
+        if job.finetune.ema_decay:
+            ema = WeightEMA(engine.module, job.finetune.ema_decay)
+            if source and (Path(source) / EMA_WEIGHTS_FILE).exists():
+                ema.load_state_dict(read_weights(Path(source) / EMA_WEIGHTS_FILE))
     torch.manual_seed(train_cfg.seed * 10_000 + rank * 1_000 + state.step)  # augmentation draws differ per rank
 
     num_classes = len(inputs.classes)
@@ -217,6 +238,8 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
             images, targets = inputs_pipeline.train_batch(batch)
             loss = train_step(engine, images, targets, micro_batch=micro_batch, accum=accum,
                               label_smoothing=job.optim.label_smoothing)
+            if ema is not None:
+                ema.update()
             state.step += 1
             state.epoch = epoch
             state.images_seen += train_cfg.global_batch_size
@@ -228,28 +251,42 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
                 metrics.update(feed.metrics())
                 metrics["train/epoch"] = epoch
             if val_stream is not None and due(state.step, train_cfg.eval_every_n_steps, stop_step):
-                last_val = evaluate(engine, val_stream, inputs_pipeline, batch_size=micro_batch,
-                                    world_size=world_size, image_shape=(3, data_cfg.img_size, data_cfg.img_size))
+                last_val = evaluate_with_ema(engine, ema, val_stream, inputs_pipeline, batch_size=micro_batch,
+                                             world_size=world_size, img_size=data_cfg.img_size)
                 metrics.update(last_val)
                 metrics["_line"] = metrics.get("_line", f"step {state.step}/{train_cfg.steps}") + (
-                    f" | val top-1 {last_val['val/top1']:.3f} loss {last_val['val/loss']:.3f}")
+                    f" | val top-1 {last_val['val/top1']:.3f} loss {last_val['val/loss']:.3f}") + (
+                    f" | ema top-1 {last_val['val_ema/top1']:.3f}" if ema is not None else "")
             line = metrics.pop("_line", None)
             if rank == 0 and line:
-                print(line, flush=True)
+                log.info(line)
             if metric_logger is not None and metrics:
                 metric_logger.log(metrics, step=state.step)
             if due(state.step, train_cfg.checkpoint_every_n_steps, stop_step):
                 state.shards_done = feed.shards_done()
                 with tempfile.TemporaryDirectory(prefix="vit-checkpoint-") as directory:
                     save_checkpoint(engine, directory, rank=rank, state=state,
-                                    model_config=checkpoint_config(job, inputs))
+                                    model_config=checkpoint_config(job, inputs),
+                                    ema_weights=ema.state_dict() if ema is not None else None)
                     ctx.report({"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
-                                **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))},
+                                **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
                                 **{f"last_{k}": v for k, v in last_val.items()}}, directory)
     finally:
         if metric_logger is not None:
             metric_logger.close()
     return state
+
+
+def evaluate_with_ema(engine, ema: WeightEMA | None, val_stream, inputs: InputPipeline, *, batch_size: int,
+                      world_size: int, img_size: int) -> dict[str, float]:
+    """val/* of the raw weights and, with an EMA, val_ema/* of the averaged ones."""
+    kwargs = {"batch_size": batch_size, "world_size": world_size, "image_shape": (3, img_size, img_size)}
+    metrics = evaluate(engine, val_stream, inputs, **kwargs)
+    if ema is not None:
+        with ema.applied():
+            averaged = evaluate(engine, val_stream, inputs, **kwargs)
+        metrics.update({key.replace("val/", "val_ema/"): value for key, value in averaged.items()})
+    return metrics
 
 
 def checkpoint_config(job: JobConfig, inputs: RunInputs) -> dict:

@@ -10,7 +10,7 @@ from pipeline.config import load_job_config
 from pipeline.data.shard_writer import DIGITS_SHARD_SIZE, write_source
 from pipeline.data.sources import digits_source
 
-DEMO_CONFIG = Path(__file__).parents[2] / "jobs" / "configs" / "digits_pretrain.yaml"
+CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
 
 
 @pytest.fixture(scope="session")
@@ -31,9 +31,9 @@ def metric_history():
     return read_metric_history
 
 
-def build_tiny_job(folder: Path, workdir: Path, *overrides: str):
-    """The demo config on the session's digits shards, with its store and checkpoints under `workdir`."""
-    return load_job_config(DEMO_CONFIG, [
+def build_tiny_job(folder: Path, workdir: Path, *overrides: str, config: str = "digits_pretrain.yaml"):
+    """A demo config on the session's digits shards, with its store and checkpoints under `workdir`."""
+    return load_job_config(CONFIGS / config, [
         f"data.train={folder}/train-*.tar", f"data.val={folder}/val-*.tar",
         f"train.storage_path={workdir}/runs", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
         "train.global_batch_size=32", "optim.warmup_steps=2", "train.log_every_n_steps=1",

@@ -1,0 +1,81 @@
+"""init_from: timm-made state_dicts, checkpoints of ours, head reset, and architecture mismatches."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import ConfigError
+from pipeline.model import build_model
+from pipeline.train.init_weights import load_init_weights
+from pipeline.train.loop import load_init_weights as load_into_model
+
+
+def meta_state(name: str, **overrides) -> dict:
+    with torch.device("meta"):
+        return build_model(name, **overrides).state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_state_dict_at_224_fine_tunes_at_384(tmp_path, suffix):
+    torch.manual_seed(0)
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    path = tmp_path / f"timm{suffix}"
+    state = {k: v.contiguous() for k, v in theirs.state_dict().items()}
+    torch.save(state, path) if suffix == ".pth" else save_file(state, str(path))
+
+    init = load_init_weights(str(path), "", meta_state("vit_tiny_patch16_224", img_size=384, num_classes=10),
+                             reset_head=False)
+    assert init.source_img_size == 224 and not init.reset_head
+    model = build_model("vit_tiny_patch16_224", img_size=384, num_classes=10).eval()
+    load_into_model(model, init.state_dict, reset_head=init.reset_head)
+    assert model.pos_embed.shape == (1, 1 + 24 * 24, 192)
+    assert torch.equal(model.head.weight, theirs.head.weight)
+    assert torch.equal(model.blocks[11].mlp.fc2.weight, theirs.blocks[11].mlp.fc2.weight)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 384, 384))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_head_is_reset_exactly_when_it_should(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("vit_demo_patch4_32")  # 10 classes
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_args": {"img_size": 32}, "mlflow_run_id": "abc"}))
+
+    same = load_init_weights(str(tmp_path), "", meta_state("vit_demo_patch4_32", img_size=64), reset_head=False)
+    assert not same.reset_head and "head.weight" in same.state_dict
+    assert same.parent_run_id == "abc" and same.source_img_size == 32
+    asked = load_init_weights(str(tmp_path), "", meta_state("vit_demo_patch4_32", img_size=64), reset_head=True)
+    assert asked.reset_head and "head.weight" not in asked.state_dict
+    other_classes = load_init_weights(str(tmp_path / "model.safetensors"), "",
+                                      meta_state("vit_demo_patch4_32", num_classes=3), reset_head=False)
+    assert other_classes.reset_head and "head.bias" not in other_classes.state_dict
+
+    torch.manual_seed(1)
+    model = build_model("vit_demo_patch4_32", num_classes=3)
+    fresh_head = model.head.weight.detach().clone()
+    load_into_model(model, other_classes.state_dict, reset_head=True)
+    assert torch.equal(model.head.weight, fresh_head)  # kept its new initialisation
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_mismatched_architecture_and_bad_paths_are_clear_errors(tmp_path):
+    deeper = build_model("vit_demo_patch4_32", depth=6)
+    save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, str(tmp_path / "deep.safetensors"))
+    with pytest.raises(ConfigError, match=r"different architecture .*blocks\.4\.attn\.qkv\.weight: not in the model"):
+        load_init_weights(str(tmp_path / "deep.safetensors"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+    wider = build_model("vit_demo_patch4_32", embed_dim=48)
+    save_file({k: v.contiguous() for k, v in wider.state_dict().items()}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ConfigError, match=r"cls_token: weights \(1, 1, 48\) vs model \(1, 1, 96\)"):
+        load_init_weights(str(tmp_path / "wide.safetensors"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_init_weights(str(tmp_path / "nope.pth"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="without model.safetensors"):
+        load_init_weights(str(tmp_path / "empty"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+    torch.save({"step": 3}, tmp_path / "not_weights.pth")
+    with pytest.raises(ConfigError, match="does not hold a state_dict of tensors"):
+        load_init_weights(str(tmp_path / "not_weights.pth"), "", meta_state("vit_demo_patch4_32"), reset_head=False)

@@ -44,6 +44,9 @@ class DataConfig:
     decode_batch_size: int = 64  # rows per read block and per decode call
     decode_concurrency: int = 0  # max concurrent decode tasks; 0 lets Ray Data decide
     decode_num_cpus: float = 1.0  # CPUs reserved by each decode task
+    # Ray custom resources each read+decode task also requests, e.g. {data_node: 1}: decoding then runs only on
+    # nodes started with that resource (the CPU-only data nodes of cluster/), leaving GPU nodes' CPUs to training
+    decode_resources: dict[str, float] = field(default_factory=dict)
     shuffle_seed: int = 0  # epoch e reads the shard files in a permutation seeded with shuffle_seed + e
     local_shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (train); 0 turns it off
     prefetch_batches: int = 2  # batches each worker prefetches
@@ -67,6 +70,11 @@ class DataConfig:
             (self.decode_batch_size >= 1, "decode_batch_size must be >= 1"),
             (self.decode_concurrency >= 0, "decode_concurrency must be >= 0 (0 lets Ray Data decide)"),
             (self.decode_num_cpus > 0, "decode_num_cpus must be > 0"),
+            (all(isinstance(name, str) and name and name not in _BUILTIN_RESOURCES for name in self.decode_resources),
+             f"decode_resources names custom resources (not {', '.join(_BUILTIN_RESOURCES)}; decode_num_cpus sets "
+             "the CPUs)"),
+            (all(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0
+                 for amount in self.decode_resources.values()), "decode_resources amounts must be numbers > 0"),
             (self.local_shuffle_buffer >= 0, "local_shuffle_buffer must be >= 0"),
             (self.prefetch_batches >= 0, "prefetch_batches must be >= 0"),
         ]
@@ -74,6 +82,9 @@ class DataConfig:
             if not ok:
                 raise ValueError(f"data.{message}")
         return self
+
+
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 def _is_range(pair) -> bool:

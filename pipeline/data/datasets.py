@@ -1,7 +1,8 @@
 """Dataset builders: shard spec + DataConfig -> a Ray Dataset of uint8 images and int64 labels.
 
     shards ─ WebDatasetShards (raw bytes; per-epoch seeded shard order) ─ map_batches(decode_batch) ─► rows
-                                                                          CPU tasks, anywhere in the cluster
+                                                                          CPU tasks, anywhere in the cluster, or
+                                                                          only on nodes with data.decode_resources
 
 The result also carries what a driver needs to start training: the sample count from the manifest (for
 `steps_per_epoch`), the class names, and the bad-sample policy whose ledger name the Train workers use.
@@ -74,8 +75,9 @@ def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, 
     # is held by a separate reader operator: on 2 CPUs, 279 -> 480 images/s (docs/benchmarks.md).
     raw = read_shards(paths, fs, seed=cfg.shuffle_seed if shuffle else None, first_epoch=first_epoch,
                       rows_per_block=cfg.decode_batch_size, override_num_blocks=len(paths),
-                      # equal CPU requests and concurrency caps are conditions of fusion too
-                      num_cpus=cfg.decode_num_cpus, concurrency=cfg.decode_concurrency or None)
+                      # equal resource requests and concurrency caps are conditions of fusion too
+                      num_cpus=cfg.decode_num_cpus, resources=cfg.decode_resources or None,
+                      concurrency=cfg.decode_concurrency or None)
     dataset = raw.map_batches(
         decode_batch,
         fn_kwargs={"cfg": cfg, "train": train, "num_classes": num_classes, "policy": policy,
@@ -83,6 +85,7 @@ def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, 
         batch_size=None,
         batch_format="numpy",
         num_cpus=cfg.decode_num_cpus,
+        resources=cfg.decode_resources or None,  # data.decode_resources: only nodes that carry them decode
         concurrency=cfg.decode_concurrency or None,
     )
     log.info("%s data: %d shards, %s samples, %d classes", "train" if train else "eval", len(paths),

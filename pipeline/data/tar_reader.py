@@ -205,10 +205,12 @@ class WebDatasetShards(FileBasedDatasource):
 
 def read_shards(paths: list[str], filesystem: pafs.FileSystem, *, seed: int | None, first_epoch: int = 0,
                 rows_per_block: int = ROWS_PER_BLOCK, override_num_blocks: int | None = None,
-                num_cpus: float | None = None, concurrency: int | None = None) -> ray.data.Dataset:
-    """A dataset of raw rows; with `seed`, each epoch reads the shard files in a new seeded order."""
+                num_cpus: float | None = None, resources: dict[str, float] | None = None,
+                concurrency: int | None = None) -> ray.data.Dataset:
+    """A dataset of raw rows; with `seed`, each epoch reads the shard files in a new seeded order.
+    `resources`: Ray custom resources each read task requests (to place it on data nodes)."""
     shuffle = EpochShardOrder(seed=seed, first_epoch=first_epoch) if seed is not None else None
     source = WebDatasetShards(paths, rows_per_block=rows_per_block, filesystem=filesystem, shuffle=shuffle,
                               file_extensions=["tar"])
     return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, num_cpus=num_cpus,
-                                    concurrency=concurrency)
+                                    resources=resources, concurrency=concurrency)

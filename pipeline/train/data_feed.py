@@ -1,21 +1,23 @@
 """Training data per epoch, at shard granularity, so that a resumed run continues where it stopped.
 
-An epoch reads the training shards in a seeded permutation (`shuffle_seed + epoch`). Rank 0 builds that
-epoch's Ray Dataset from the shards not yet consumed, splits it into `world_size` equal streams and hands one
-to each rank, so the dataset always matches the loop's position: after a worker failure (Ray Train restarts
-the group from the latest checkpoint) or an explicit `train.resume_from`, the epoch goes on with the shards
-it had not finished, in the same order, instead of starting over. timm and OpenCLIP resume at epoch
+Epoch e reads the training shards in a seeded permutation (`shuffle_seed + e`). Rank 0 builds one Ray Dataset
+over all shards and splits it once into `world_size` equal streams; each epoch is one more execution of it,
+which Ray orders by the next permutation. Keeping one split for the whole run keeps its coordinator and its
+decode workers warm: a new dataset per epoch cost ~10 s of start-up at every epoch boundary on 2 cores, a
+reused split ~1.5 s (docs/benchmarks.md).
+
+A resumed run (after a worker failure, Ray Train restarts the group from the latest checkpoint, or with
+`train.resume_from`) first finishes the interrupted epoch with the shards it had not finished, in the same
+order, from a dataset of just those shards; full epochs follow. timm and OpenCLIP resume at epoch
 granularity only.
 
-Every row carries the index of its shard in the epoch's list. Ranks count the rows they consume per shard;
-at a checkpoint the counts are summed over ranks and a shard whose every sample was consumed is recorded as
-done. A shard with bad samples never reaches its manifest count, so it is read again after a resume: a few
-samples repeat, none is lost.
+Every row carries the index of its shard. Ranks count the rows they consume per shard; at a checkpoint the
+counts are summed over ranks and a shard whose every sample was consumed is recorded as done. A shard with
+bad samples never reaches its manifest count, so it is read again after a resume: a few samples repeat,
+none is lost.
 """
 
 import logging
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -64,8 +66,10 @@ class ShardCatalog:
 
     def plan(self, epoch: int, shards_done: list[str], *, seed: int, world_size: int, batch_size: int
              ) -> EpochPlan:
+        """The rest of `epoch` after `shards_done`, in the epoch's order; with none done, the whole epoch (then
+        listed in catalog order, the order the whole-epoch dataset indexes its shards by)."""
         done = set(shards_done)
-        shards = [path for path in shard_order(self.paths, seed, epoch) if path not in done]
+        shards = [path for path in shard_order(self.paths, seed, epoch) if path not in done] if done else self.paths
         samples = [self.counts[path] for path in shards]
         return EpochPlan(epoch, shards, samples, steps_per_epoch(sum(samples), world_size, batch_size))
 
@@ -85,43 +89,6 @@ def split_for_ranks(build, rank: int, world_size: int, *, equal: bool = True):
     return broadcast_from_rank0(splits, rank, world_size)[rank]
 
 
-class Prefetched:
-    """Drives an iterator on a thread, at most `depth` items ahead, so that the next epoch's pipeline (its read
-    and decode tasks, which need worker processes) starts while the current epoch is still being trained on,
-    instead of after it: on small epochs that start-up stalled training for seconds at every boundary."""
-
-    _END = object()
-
-    def __init__(self, iterable, depth: int):
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self.thread = threading.Thread(target=self._run, args=(iterable,), daemon=True)
-        self.thread.start()
-
-    def _run(self, iterable) -> None:
-        try:
-            for item in iterable:
-                self.queue.put((True, item))
-            self.queue.put((True, self._END))
-        except BaseException as error:  # handed to the consumer, which raises it in the training thread
-            self.queue.put((False, error))
-
-    def __iter__(self):
-        while True:
-            ok, item = self.queue.get()
-            if not ok:
-                raise item
-            if item is self._END:
-                return
-            yield item
-
-
-@dataclass
-class OpenEpoch:
-    plan: EpochPlan
-    worker_batches: WorkerBatches | None  # None when the plan has no step
-    batches: Prefetched | list  # (batch, replayed) pairs
-
-
 class TrainFeed:
     """One rank's training batches across epochs, with per-shard consumption for checkpoints."""
 
@@ -135,67 +102,69 @@ class TrainFeed:
         self.num_classes = num_classes
         self.policy = policy
         self.device = device
-        self.current: OpenEpoch | None = None
+        self.plan: EpochPlan | None = None
         self.shards_done_before: list[str] = []
         self.consumed = np.zeros(0, dtype=np.int64)
-
-    def open(self, epoch: int, shards_done: list[str]) -> OpenEpoch:
-        """Plan an epoch pass and start its pipeline. A collective (rank 0 hands out the splits)."""
-        plan = self.catalog.plan(epoch, shards_done, seed=self.cfg.shuffle_seed, world_size=self.world_size,
-                                 batch_size=self.batch_size)
-        if plan.steps == 0:
-            log.warning("epoch %d: the %d samples left are fewer than one global batch; next epoch", epoch,
-                        plan.num_samples)
-            return OpenEpoch(plan, None, [])
-
-        def build():
-            return build_image_dataset(plan.shards, self.cfg, train=True, shuffle_files=False,
-                                       num_classes=self.num_classes, policy=self.policy).dataset
-
-        stream = split_for_ranks(build, self.rank, self.world_size)
-        worker_batches = WorkerBatches(
-            stream, batch_size=self.batch_size, steps_per_epoch=plan.steps, cfg=self.cfg, train=True,
-            ledger_name=self.policy.ledger_name if self.policy else None, device=self.device)
-
-        def tagged():
-            padded_steps = 0
-            for batch in worker_batches.epoch():
-                yield batch, worker_batches.padded_steps != padded_steps
-                padded_steps = worker_batches.padded_steps
-
-        return OpenEpoch(plan, worker_batches, Prefetched(tagged(), depth=self.cfg.prefetch_batches))
+        self.worker_batches: WorkerBatches | None = None
 
     def epochs(self, epoch: int, shards_done: list[str]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yields (epoch, batch) forever, starting inside `epoch` after `shards_done`."""
-        opened = self.open(epoch, shards_done)
+        if shards_done:
+            plan = self._plan(epoch, shards_done)
+            if plan.steps:
+                yield from self._run(plan, self._split(plan.shards, shuffle_files=False), shards_done)
+            else:
+                log.info("epoch %d: the samples left are fewer than one global batch; next epoch", epoch)
+            epoch += 1
+        whole_epochs = None
         while True:
-            self.current, self.shards_done_before = opened, list(shards_done)
-            self.consumed = np.zeros(len(opened.plan.shards), dtype=np.int64)
-            if self.rank == 0:
-                log.info("epoch %d: %d shards (%d already done), %d samples, %d steps", epoch,
-                         len(opened.plan.shards), len(shards_done), opened.plan.num_samples, opened.plan.steps)
-            following = None
-            for batch, replayed in opened.batches:
-                if following is None:  # every rank reaches its first batch of the epoch at the same step
-                    following = self.open(epoch + 1, [])
-                if not replayed:  # replayed batches (a short epoch topped up) are not new rows
-                    self.consumed += np.bincount(batch["shard"].cpu().numpy(), minlength=len(self.consumed))
-                yield epoch, batch
-            opened = following or self.open(epoch + 1, [])
-            epoch, shards_done = epoch + 1, []
+            plan = self._plan(epoch, [])
+            if whole_epochs is None:  # executions k = 0, 1, ... read the permutations of epochs epoch + k
+                whole_epochs = self._split(plan.shards, first_epoch=epoch)
+            yield from self._run(plan, whole_epochs, [])
+            epoch += 1
+
+    def _plan(self, epoch: int, shards_done: list[str]) -> EpochPlan:
+        return self.catalog.plan(epoch, shards_done, seed=self.cfg.shuffle_seed, world_size=self.world_size,
+                                 batch_size=self.batch_size)
+
+    def _split(self, shards: list[str], *, shuffle_files: bool = True, first_epoch: int = 0) -> WorkerBatches:
+        """A dataset of `shards`, split once for all ranks (a collective)."""
+        def build():
+            return build_image_dataset(shards, self.cfg, train=True, shuffle_files=shuffle_files,
+                                       first_epoch=first_epoch, num_classes=self.num_classes,
+                                       policy=self.policy).dataset
+
+        stream = split_for_ranks(build, self.rank, self.world_size)
+        return WorkerBatches(stream, batch_size=self.batch_size, steps_per_epoch=1, cfg=self.cfg, train=True,
+                             ledger_name=self.policy.ledger_name if self.policy else None, device=self.device)
+
+    def _run(self, plan: EpochPlan, worker_batches: WorkerBatches, shards_done: list[str]):
+        self.plan, self.worker_batches, self.shards_done_before = plan, worker_batches, list(shards_done)
+        self.consumed = np.zeros(len(plan.shards), dtype=np.int64)
+        worker_batches.steps_per_epoch = plan.steps
+        if self.rank == 0:
+            log.info("epoch %d: %d shards (%d already done), %d samples, %d steps", plan.epoch, len(plan.shards),
+                     len(shards_done), plan.num_samples, plan.steps)
+        padded_steps = worker_batches.padded_steps
+        for batch in worker_batches.epoch():
+            if worker_batches.padded_steps == padded_steps:  # replayed batches (a short epoch) are not new rows
+                self.consumed += np.bincount(batch["shard"].cpu().numpy(), minlength=len(self.consumed))
+            padded_steps = worker_batches.padded_steps
+            yield plan.epoch, batch
 
     def shards_done(self) -> list[str]:
         """Shards of the current epoch fully consumed by all ranks together. A collective: call on every rank."""
         consumed = torch.from_numpy(self.consumed)
         if self.world_size > 1:
             dist.all_reduce(consumed)
-        plan = self.current.plan
+        plan = self.plan
         finished = [path for path, count, seen in zip(plan.shards, plan.samples, consumed.tolist(), strict=True)
                     if seen >= count]
         return self.shards_done_before + finished
 
     def metrics(self) -> dict[str, float]:
-        return self.current.worker_batches.metrics() if self.current and self.current.worker_batches else {}
+        return self.worker_batches.metrics() if self.worker_batches else {}
 
 
 def build_eval_stream(cfg: DataConfig, *, rank: int, world_size: int, num_classes: int,

@@ -39,11 +39,14 @@ def val_top1(job, model) -> float:
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_trains_on_two_cpu_workers_and_consolidates(stage, ray_local, digits_shards, tmp_path,
                                                                 tiny_job, metric_history):
-    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=24",
-                                       "train.eval_every_n_steps=0", "train.checkpoint_every_n_steps=0"))
+    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, f"train.zero_stage={stage}", "train.steps=40",
+                                       "optim.lr=2e-3", "train.eval_every_n_steps=0",
+                                       "train.checkpoint_every_n_steps=0"))
     result = run_job(job, inputs, job_name="pretrain")
     losses = [value for _, value in metric_history(result.tracking_uri, result.run_id, "train/loss")]
-    assert len(losses) == 24
+    assert len(losses) == 40
+    # 40 steps at 2e-3 drop the mean loss by 0.13-0.32 in a plain torch loop on digits (8 seeds); 24 steps at
+    # 1e-3 only by 0.05-0.08, too close to this bound
     assert statistics.mean(losses[-6:]) < statistics.mean(losses[:6]) - 0.05, losses
 
     weights = read_weights(result.checkpoint_path)

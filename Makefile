@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# pretrain on the embedded digits, fine-tune that run at twice the resolution, compare the two in MLflow
 demo: $(STAMP)
 	$(BIN)/python jobs/pretrain.py
+	$(BIN)/python jobs/finetune.py
+	$(BIN)/python jobs/compare.py --last 2 --out runs/demo-compare.png
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests

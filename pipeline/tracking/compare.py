@@ -38,8 +38,11 @@ class RunRow:
     status: str
 
 
-def compare_runs(uri: str, *, experiment: str | None = None, run_ids: list[str] | None = None) -> list[RunRow]:
-    """Rows for `run_ids`, or for every run of `experiment`, oldest first."""
+def compare_runs(uri: str, *, experiment: str | None = None, run_ids: list[str] | None = None,
+                 last: int = 0) -> list[RunRow]:
+    """Rows for `run_ids`, or for every run of `experiment` (its `last` newest when > 0), oldest first."""
+    if last < 0:
+        raise CompareError(f"last must be >= 0, got {last}")
     client = MlflowClient(uri)
     if run_ids:
         runs = [_get_run(client, run_id) for run_id in run_ids]
@@ -47,7 +50,8 @@ def compare_runs(uri: str, *, experiment: str | None = None, run_ids: list[str] 
         found = client.get_experiment_by_name(experiment or "")
         if found is None:
             raise CompareError(f"no experiment {experiment!r} in {uri}")
-        runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
+        runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
+                                  max_results=last or 5000)[::-1]
         if not runs:
             raise CompareError(f"experiment {experiment!r} in {uri} has no runs")
     return [_row(client, run) for run in runs]

@@ -44,6 +44,8 @@ def test_table_and_curves_have_one_entry_per_run(any_store):
     assert Image.open(io.BytesIO(png.getvalue())).size[0] > 100
 
     assert [row.run_id for row in compare_runs(any_store, run_ids=[finetune])] == [finetune]
+    assert [row.run_id for row in compare_runs(any_store, experiment=experiment, last=1)] == [finetune]
+    assert [row.run_id for row in compare_runs(any_store, experiment=experiment, last=5)] == [pretrain, finetune]
     assert child_run_ids(any_store, pretrain) == [finetune]
     with pytest.raises(CompareError, match="no MLflow run 'nope'"):
         compare_runs(any_store, run_ids=["nope"])

@@ -25,9 +25,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${VIT_CLUSTER_DIR:-$PWD/.cluster}"
-mkdir -p "$STATE/logs"
-STATE="$(cd "$STATE" && pwd)"
-[[ -f "$STATE/.gitignore" ]] || echo '*' > "$STATE/.gitignore"  # state, never committed
+case "$STATE" in /*) ;; *) STATE="$PWD/$STATE" ;; esac
 if [[ -n "${VIT_PYTHON_BIN:-}" ]]; then
   BIN="$VIT_PYTHON_BIN"
 elif [[ -x "$ROOT/.venv/bin/python" ]]; then
@@ -37,6 +35,11 @@ else
 fi
 
 die() { echo "local.sh: $*" >&2; exit 1; }
+
+make_state() {
+  mkdir -p "$STATE/logs"
+  [[ -f "$STATE/.gitignore" ]] || echo '*' > "$STATE/.gitignore"  # state, never committed
+}
 
 # PIDs of every process of this head: those naming its session folder or its GCS port (Ray's client server), the
 # `ray start --block` process, and all their descendants (workers, job drivers, fake worker nodes), from one `ps`.
@@ -97,6 +100,7 @@ EOF
 
 start_ray() {
   [[ -z "$(ray_pids)" ]] || die "a Ray head of $STATE is running; stop it first"
+  make_state
   local gcs_port="${RAY_GCS_PORT:-6379}" dashboard_port="${RAY_DASHBOARD_PORT:-8265}"
   local temp_dir="${RAY_TEMP_DIR:-/tmp/vit-ray-$(id -u)-$gcs_port}" auth="${RAY_AUTH:-token}"
   local cpus="${RAY_NUM_CPUS:-$((2 * $(nproc)))}" token_file="$STATE/auth_token"
@@ -155,6 +159,7 @@ stop_ray() {
 
 start_mlflow() {
   [[ -z "$(mlflow_pids)" ]] || die "the MLflow server of $STATE is running; stop it first"
+  make_state
   local port="${MLFLOW_PORT:-5000}"
   echo "MLFLOW_PORT=$port" > "$STATE/mlflow.env"
   mkdir -p "$STATE/mlartifacts"
@@ -209,5 +214,5 @@ case "${1:-}" in
   stop-ray) stop_ray ;;
   start-mlflow) start_mlflow ;;
   stop-mlflow) stop_mlflow ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac

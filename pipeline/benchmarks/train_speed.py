@@ -7,12 +7,12 @@ overhead (CPU)
     plain torch loop in this process (no Ray, no DeepSpeed). Same model and initial weights, one in-memory
     batch made once from a fixed seed, the same AdamW param groups, warmup+cosine schedule, gradient clipping
     and label smoothing (so the losses agree step for step), and the same threads: the Ray worker reserves
-    {"CPU": cores} and both sides call `torch.set_num_threads(cores)`. A round runs one Ray Train run that
-    builds, times and frees one engine per ZeRO stage in turn, then the plain loop; every other round
-    reverses both orders, so load on the shared machine falls on every contender. Each contender runs its warm-up
-    steps, then its timed steps. The table gives each contender's median over all timed steps, the ratio
-    DS / plain of those medians, and the median of the per-round ratios (each round's median over the plain
-    loop's median in the same round).
+    {"CPU": cores} and both sides call `torch.set_num_threads(cores)`. One Ray Train run holds an engine per
+    ZeRO stage while the plain loop runs in a thread of this process; they pass a baton (a Ray actor), so that
+    after one untimed warm-up turn each, every round runs a few timed steps of each contender back to back,
+    in reversed order every other round: load on the shared machine falls on all of them alike. The table
+    gives each contender's median over all timed steps, the ratio DS / plain of those medians, and the median
+    of the per-round ratios (each round's median over the plain loop's median in the same round).
 
 memory (CPU, 2 ranks)
     The bytes of model state each rank holds with ZeRO-0/1/2/3, in fp32 (the trainer's CPU precision) and
@@ -81,9 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="vit_tiny_patch16_224", help="overhead mode: model preset")
     parser.add_argument("--img-size", type=int, default=224, help="overhead mode: square input size in pixels")
     parser.add_argument("--batch-size", type=int, default=16, help="overhead mode: images per optimizer step")
-    parser.add_argument("--warmup", type=int, default=2, help="overhead mode: untimed steps per contender run")
-    parser.add_argument("--steps", type=int, default=8, help="overhead mode: timed steps per contender run")
-    parser.add_argument("--rounds", type=int, default=5, help="overhead mode: interleaved rounds of all contenders")
+    parser.add_argument("--warmup", type=int, default=2, help="overhead mode: untimed steps of each contender first")
+    parser.add_argument("--steps", type=int, default=1, help="overhead mode: timed steps of each contender per round")
+    parser.add_argument("--rounds", type=int, default=24, help="overhead mode: rounds, every contender in each")
     parser.add_argument("--zero-stages", default="0,2", help="overhead mode: ZeRO stages timed under Ray Train")
     parser.add_argument("--cores", type=int, default=cores,
                         help="threads of the plain loop and CPUs (threads) of the Ray worker")
@@ -153,86 +153,140 @@ def synchronize(device: torch.device) -> None:
 # Overhead mode
 # ---------------------------------------------------------------------------------------------------------------
 
-def plain_step_times(job: JobConfig, inputs, *, warmup: int, steps: int, threads: int, seed: int) -> dict:
-    """Step times of a plain torch loop doing the trainer's step: forward, smoothed cross-entropy, backward,
-    gradient clipping, AdamW (our param groups), schedule step, zero_grad. No Ray, no DeepSpeed."""
-    from pipeline.model import VisionTransformer
-    from pipeline.train.optim import build_optimizer, build_scheduler
+class PlainLoop:
+    """The trainer's step with no Ray and no DeepSpeed: forward, smoothed cross-entropy, backward, gradient
+    clipping, AdamW over our param groups, schedule step, zero_grad; the same initial weights as build_engine."""
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(job.train.seed)  # the same initial weights as build_engine's
-        model = VisionTransformer(**inputs.model_args).train()
-        optim = job.optim
-        optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
-                                    eps=optim.eps, layer_decay=optim.layer_decay)
-        scheduler = build_scheduler(optimizer, warmup_steps=optim.warmup_steps, total_steps=job.train.steps,
-                                    min_lr_ratio=optim.min_lr_ratio)
-        images, targets = make_batch(job.train.global_batch_size, job.data.img_size, len(inputs.classes), seed)
-        times_s, losses = [], []
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            loss = F.cross_entropy(model(images), targets, label_smoothing=optim.label_smoothing)
-            loss.backward()
-            if optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed_s = time.perf_counter() - start
-            losses.append(loss.item())
-            if i >= warmup:
-                times_s.append(elapsed_s)
-        return {"step_times_s": times_s, "losses": losses, "threads": torch.get_num_threads()}
-    finally:
-        torch.set_num_threads(previous_threads)
+    def __init__(self, job: JobConfig, inputs, seed: int):
+        from pipeline.model import VisionTransformer
+        from pipeline.train.optim import build_optimizer, build_scheduler
+
+        torch.manual_seed(job.train.seed)
+        self.model = VisionTransformer(**inputs.model_args).train()
+        optim = self.optim = job.optim
+        self.optimizer = build_optimizer(self.model, lr=optim.lr, weight_decay=optim.weight_decay,
+                                         betas=optim.betas, eps=optim.eps, layer_decay=optim.layer_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=optim.warmup_steps,
+                                         total_steps=job.train.steps, min_lr_ratio=optim.min_lr_ratio)
+        self.images, self.targets = make_batch(job.train.global_batch_size, job.data.img_size, len(inputs.classes),
+                                               seed)
+        self.device = torch.device("cpu")
+
+    def step(self) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(self.images), self.targets, label_smoothing=self.optim.label_smoothing)
+        loss.backward()
+        if self.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+class EngineLoop:
+    """The trainer's own engine (`build_engine`) and step (`train_step`) on one in-memory batch."""
+
+    def __init__(self, job: JobConfig, inputs, world_size: int, device: torch.device, seed: int):
+        from pipeline.train.loop import build_engine
+
+        self.job, self.device = job, device
+        self.engine, self.dtype = build_engine(job, inputs, world_size, device)
+        self.images, self.targets = make_batch(job.train.global_batch_size // world_size, job.data.img_size,
+                                               len(inputs.classes), seed, device, self.dtype)
+
+    def step(self) -> torch.Tensor:
+        from pipeline.train.loop import train_step
+
+        train = self.job.train
+        return train_step(self.engine, self.images, self.targets, micro_batch=train.micro_batch_size_per_worker(),
+                          accum=train.grad_accum_steps(), label_smoothing=self.job.optim.label_smoothing)
+
+
+def run_steps(loop, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds and loss of each of `steps` optimizer steps (the device synchronised around each)."""
+    times_s, losses = [], []
+    for _ in range(steps):
+        synchronize(loop.device)
+        start = time.perf_counter()
+        loss = loop.step()
+        synchronize(loop.device)
+        times_s.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    return times_s, losses
+
+
+class Baton:
+    """Whose turn it is to run steps: "driver" (the plain loop here) or one engine of the Ray worker, with the
+    number of steps and whether they are timed; "stop" ends the worker. An async actor: waiting holds no CPU."""
+
+    def __init__(self):
+        import asyncio
+
+        self.turn: tuple[str, int, bool] = ("driver", 0, False)
+        self.changed = asyncio.Condition()
+
+    async def give(self, name: str, steps: int = 0, timed: bool = False) -> None:
+        async with self.changed:
+            self.turn = (name, steps, timed)
+            self.changed.notify_all()
+
+    async def wait_for(self, names: list[str]) -> tuple[str, int, bool]:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.turn[0] in names)
+            return self.turn
+
+
+def overhead_per_worker(config: dict) -> None:
+    """Ray Train worker: one engine per ZeRO stage, each stepping when the baton names it; reports each engine's
+    timed turns and losses as a checkpoint."""
+    import ray
+    import ray.train
+
+    from pipeline.train.loop import RunInputs, resolve_device
+
+    threads_given = torch.get_num_threads()  # what Ray set up for the worker's CPUs (OMP_NUM_THREADS)
+    torch.set_num_threads(config["threads"])
+    inputs = RunInputs(**config["inputs"])
+    context = ray.train.get_context()
+    loops = {}
+    for name, job_dict in config["jobs"].items():
+        job = config_from_dict(JobConfig, job_dict)
+        loops[name] = EngineLoop(job, inputs, context.get_world_size(),
+                                 resolve_device(job, context.get_local_rank()), config["seed"])
+    baton = config["baton"]
+    results = {name: {"turns": [], "losses": [], "threads_given": threads_given, "threads": torch.get_num_threads()}
+               for name in loops}
+    while True:
+        name, steps, timed = ray.get(baton.wait_for.remote([*loops, "stop"]))
+        if name == "stop":
+            break
+        times_s, losses = run_steps(loops[name], steps)
+        results[name]["losses"] += losses
+        if timed:
+            results[name]["turns"].append(times_s)
+        ray.get(baton.give.remote("driver"))
+    report_json(results, context.get_world_rank())
 
 
 def step_times_per_worker(config: dict) -> None:
-    """Ray Train worker: for each job in turn, the trainer's engine and step on one in-memory batch; the engine
-    is freed before the next one is built. Reports {job name: times, losses, threads} as a checkpoint."""
-    import gc
-
+    """Ray Train worker (gpu mode): the trainer's engine and step, warm-up then timed steps, reported."""
     import ray.train
 
-    from pipeline.train.loop import RunInputs, build_engine, resolve_device, train_step
+    from pipeline.train.loop import RunInputs, resolve_device
 
-    threads_given = torch.get_num_threads()  # what Ray set up for the worker's CPUs (OMP_NUM_THREADS)
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    inputs = RunInputs(**config["inputs"])
+    job = config_from_dict(JobConfig, config["job"])
     context = ray.train.get_context()
-    results = {}
-    for name, job_dict in config["jobs"].items():
-        job = config_from_dict(JobConfig, job_dict)
-        device = resolve_device(job, context.get_local_rank())
-        start = time.perf_counter()
-        engine, dtype = build_engine(job, inputs, context.get_world_size(), device)
-        build_s = time.perf_counter() - start
-        micro_batch, accum = job.train.micro_batch_size_per_worker(), job.train.grad_accum_steps()
-        images, targets = make_batch(job.train.global_batch_size // context.get_world_size(), job.data.img_size,
-                                     len(inputs.classes), config["seed"], device, dtype)
-        times_s, losses = [], []
-        for i in range(config["warmup"] + config["steps"]):
-            synchronize(device)
-            start = time.perf_counter()
-            loss = train_step(engine, images, targets, micro_batch=micro_batch, accum=accum,
-                              label_smoothing=job.optim.label_smoothing)
-            synchronize(device)
-            elapsed_s = time.perf_counter() - start
-            losses.append(loss.item())
-            if i >= config["warmup"]:
-                times_s.append(elapsed_s)
-        results[name] = {"step_times_s": times_s, "losses": losses, "threads_given": threads_given,
-                         "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
-                         "engine_build_s": build_s,
-                         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        if device.type == "cuda":
-            results[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        del engine, images, targets, loss
-        gc.collect()
-    report_json(results, context.get_world_rank())
+    device = resolve_device(job, context.get_local_rank())
+    loop = EngineLoop(job, RunInputs(**config["inputs"]), context.get_world_size(), device, config["seed"])
+    run_steps(loop, config["warmup"])
+    times_s, losses = run_steps(loop, config["steps"])
+    result = {"step_times_s": times_s, "losses": losses, "dtype": str(loop.dtype).removeprefix("torch."),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    report_json(result, context.get_world_rank())
 
 
 def report_json(result: dict, rank: int) -> None:
@@ -271,60 +325,94 @@ def run_workers(per_worker, config: dict, *, num_workers: int, cpus_per_worker: 
 def measure_overhead(args: argparse.Namespace, storage_path: str) -> dict:
     """Step times (s) of each contender, per round: {name: [[round 1 times], [round 2 times], ...]}.
 
-    A round runs one Ray Train run that times each ZeRO stage in turn and the plain loop in this process;
-    every other round reverses both orders (plain first, stages last to first)."""
+    One Ray Train worker holds an engine per ZeRO stage; the plain loop runs in a thread of this process while
+    the main thread waits in `fit()`. The two pass a baton, so each round times `--steps` steps of every
+    contender back to back (plain first, then the stages; the reverse every other round), after one untimed
+    turn of `--warmup` steps each."""
+    import threading
+
+    import ray
+
     stages = [int(s) for s in args.zero_stages.split(",") if s.strip()]
     inputs = bench_inputs(args.preset, args.img_size, args.num_classes)
 
     def job_for(stage: int) -> JobConfig:
         return bench_job(preset=args.preset, img_size=args.img_size, batch_size_per_worker=args.batch_size,
-                         num_workers=1, zero_stage=stage, device="cpu", steps=args.warmup + args.steps)
+                         num_workers=1, zero_stage=stage, device="cpu",
+                         steps=args.warmup + args.rounds * args.steps)
 
     plain_name = "plain torch"
-    ray_names = {stage: f"Ray Train + DeepSpeed ZeRO-{stage}" for stage in stages}
+    names = [plain_name] + [f"Ray Train + DeepSpeed ZeRO-{stage}" for stage in stages]
+    baton = ray.remote(num_cpus=0)(Baton).remote()
+    plain_result = {"turns": [], "losses": []}
+    failures: list[BaseException] = []
 
-    def plain() -> dict:
-        return {plain_name: plain_step_times(job_for(0), inputs, warmup=args.warmup, steps=args.steps,
-                                             threads=args.cores, seed=0)}
+    def drive() -> None:
+        """The plain loop's turns, and the baton passed to each engine in order."""
+        try:
+            torch.set_num_threads(args.cores)  # in this thread (OpenMP's thread count is per calling thread)
+            plain = PlainLoop(job_for(0), inputs, seed=0)
+            plain_result["threads"] = torch.get_num_threads()
 
-    def ray_deepspeed(order: list[int], round_index: int) -> dict:
-        config = {"jobs": {ray_names[stage]: job_for(stage).to_dict() for stage in order},
-                  "inputs": dataclasses.asdict(inputs), "seed": 0, "warmup": args.warmup, "steps": args.steps,
-                  "threads": args.cores}
-        return run_workers(step_times_per_worker, config, num_workers=1, cpus_per_worker=args.cores,
-                           use_gpu=False, storage_path=storage_path, name=f"overhead-round{round_index}")[0]
+            def turn(name: str, steps: int, timed: bool) -> None:
+                if name == plain_name:
+                    times_s, losses = run_steps(plain, steps)
+                    plain_result["losses"] += losses
+                    if timed:
+                        plain_result["turns"].append(times_s)
+                    return
+                ray.get(baton.give.remote(name, steps, timed))
+                if ray.get(baton.wait_for.remote(["driver", "stop"]))[0] == "stop":
+                    raise RuntimeError("the Ray Train worker stopped before its turn ended")
 
-    times: dict[str, list[list[float]]] = {plain_name: [], **{name: [] for name in ray_names.values()}}
-    details: dict[str, dict] = {}
-    for r in range(args.rounds):
-        # Ray first in round 1: the worker's own start-up (untimed) outlasts the churn of a freshly started Ray
-        if r % 2 == 0:
-            parts = [ray_deepspeed(stages, r), plain()]
-        else:
-            parts = [plain(), ray_deepspeed(stages[::-1], r)]
-        for part in parts:
-            for name, result in part.items():
-                times[name].append(result["step_times_s"])
-                details[name] = result
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{name} {statistics.median(t[-1]) * 1e3:.0f} ms" for name, t in times.items()), flush=True)
-    return {"times": times, "details": details}
+            for name in names:
+                turn(name, args.warmup, timed=False)
+            for r in range(args.rounds):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    turn(name, args.steps, timed=True)
+                print(f"round {r + 1}/{args.rounds}: plain {statistics.median(plain_result['turns'][-1]) * 1e3:.0f} ms",
+                      flush=True)
+        except BaseException as err:  # re-raised in the main thread
+            failures.append(err)
+        finally:
+            ray.get(baton.give.remote("stop"))
+
+    driver = threading.Thread(target=drive, name="plain-loop", daemon=True)
+    config = {"jobs": {name: job_for(stage).to_dict() for name, stage in zip(names[1:], stages, strict=True)},
+              "inputs": dataclasses.asdict(inputs), "seed": 0, "threads": args.cores, "baton": baton}
+    driver.start()
+    try:
+        worker = run_workers(overhead_per_worker, config, num_workers=1, cpus_per_worker=args.cores, use_gpu=False,
+                             storage_path=storage_path, name="overhead")[0]
+    finally:
+        ray.get(baton.give.remote("stop"))
+        driver.join()
+    if failures:
+        raise failures[0]
+    details = {plain_name: plain_result, **worker}
+    return {"times": {name: details[name]["turns"] for name in names}, "details": details}
 
 
 def summarise_overhead(times: dict[str, list[list[float]]]) -> dict:
-    """Median step per contender (all timed steps of all rounds), ratios to plain: of medians and per round."""
+    """Per contender: the median and the fastest of all its timed steps; to plain: the ratio of medians, the
+    median of per-round ratios, every per-round ratio, and the ratio of fastest steps (load only adds time, so
+    the fastest step is the closest to an unloaded machine's)."""
     plain_name = next(iter(times))
-    medians = {name: statistics.median(t for round_times in rounds for t in round_times)
-               for name, rounds in times.items()}
-    ratios, round_ratios = {}, {}
+    steps = {name: [t for round_times in rounds for t in round_times] for name, rounds in times.items()}
+    medians = {name: statistics.median(values) for name, values in steps.items()}
+    fastest = {name: min(values) for name, values in steps.items()}
+    summary: dict = {"median_step_s": medians, "fastest_step_s": fastest, "ratio": {}, "round_ratio": {},
+                     "round_ratios": {}, "fastest_ratio": {}}
     for name, rounds in times.items():
         if name == plain_name:
             continue
-        ratios[name] = medians[name] / medians[plain_name]
-        round_ratios[name] = statistics.median(
-            statistics.median(mine) / statistics.median(theirs)
-            for mine, theirs in zip(rounds, times[plain_name], strict=True))
-    return {"median_step_s": medians, "ratio": ratios, "round_ratio": round_ratios}
+        per_round = [statistics.median(mine) / statistics.median(theirs)
+                     for mine, theirs in zip(rounds, times[plain_name], strict=True)]
+        summary["ratio"][name] = medians[name] / medians[plain_name]
+        summary["round_ratio"][name] = statistics.median(per_round)
+        summary["round_ratios"][name] = per_round
+        summary["fastest_ratio"][name] = fastest[name] / fastest[plain_name]
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,6 +444,8 @@ def state_bytes(engine) -> tuple[dict[str, int], dict[str, int]]:
             return
         seen.add(storage.data_ptr())
         totals[category] += nbytes
+        if nbytes > tensor.numel() * tensor.element_size():
+            path = f"flat buffer under {path}"
         largest[f"{category}: {path}"] = nbytes
 
     params = list(engine.module.named_parameters())
@@ -495,10 +585,10 @@ def measure_gpu(args: argparse.Namespace, storage_path: str) -> dict:
                     steps=args.gpu_warmup + args.gpu_steps)
     forward_flops = flops_per_image(build_model(args.gpu_preset, img_size=args.gpu_img_size,
                                                 num_classes=args.num_classes))
-    config = {"jobs": {"gpu": job.to_dict()}, "inputs": dataclasses.asdict(inputs), "seed": 0,
-              "warmup": args.gpu_warmup, "steps": args.gpu_steps, "threads": 0 if use_gpu else args.cores}
+    config = {"job": job.to_dict(), "inputs": dataclasses.asdict(inputs), "seed": 0, "warmup": args.gpu_warmup,
+              "steps": args.gpu_steps, "threads": 0 if use_gpu else args.cores}
     result = run_workers(step_times_per_worker, config, num_workers=1, cpus_per_worker=1 if use_gpu else args.cores,
-                         use_gpu=use_gpu, storage_path=storage_path, name="gpu")[0]["gpu"]
+                         use_gpu=use_gpu, storage_path=storage_path, name="gpu")[0]
     step_s = statistics.median(result["step_times_s"])
     images_per_s = args.gpu_batch_size / step_s
     peak = peak_flops(result["device_name"], args.peak_tflops)
@@ -517,24 +607,28 @@ def print_header(args: argparse.Namespace, device: str) -> None:
 
 def print_overhead(args: argparse.Namespace, measured: dict, summary: dict) -> None:
     details = measured["details"]
-    threads = ", ".join(f"{name.split(' ')[-1] if 'ZeRO' in name else 'plain'} {d['threads']}"
-                        for name, d in details.items())
-    print(f"\n### Orchestration overhead: {args.preset} at {args.img_size} px, batch {args.batch_size}, fp32, "
-          f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.rounds} rounds (order reversed every "
-          f"other round); threads: {threads}")
-    print("| contender | " + " | ".join(f"round {r + 1} median (ms)" for r in range(args.rounds))
-          + " | median step (ms) | img/s | ÷ plain (medians) | median of per-round ratios |")
-    print("|---|" + "---|" * (args.rounds + 4))
+    short = {name: name.rsplit(" ", 1)[-1] if "ZeRO" in name else "plain" for name in details}
+    threads = ", ".join(f"{short[name]} {d['threads']}" for name, d in details.items())
+    print(f"\n### Orchestration overhead: {args.preset} at {args.img_size} px, batch {args.batch_size}, fp32; "
+          f"{args.warmup} warm-up steps each, then {args.rounds} rounds of {args.steps} timed step(s) of every "
+          f"contender back to back (order reversed every other round); threads: {threads}")
+    print("| contender | median step (ms) | img/s | fastest step (ms) | round medians (ms) | ÷ plain (medians) | "
+          "median of per-round ratios | per-round ratios | ÷ plain (fastest) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, rounds in measured["times"].items():
-        per_round = " | ".join(f"{statistics.median(t) * 1e3:.0f}" for t in rounds)
+        round_medians = [statistics.median(t) for t in rounds]
         median_s = summary["median_step_s"][name]
-        ratio = f"**{summary['ratio'][name]:.3f}**" if name in summary["ratio"] else "1"
-        round_ratio = f"{summary['round_ratio'][name]:.3f}" if name in summary["round_ratio"] else "1"
-        print(f"| {name} | {per_round} | {median_s * 1e3:.0f} | {args.batch_size / median_s:.1f} | {ratio} | "
-              f"{round_ratio} |")
-    print("losses of the last run's steps (same start, same batch): " + "; ".join(
-        f"{name.split(' ')[-1] if 'ZeRO' in name else 'plain'} "
-        + " ".join(f"{v:.4f}" for v in d["losses"][:3]) for name, d in details.items()))
+        if name in summary["ratio"]:
+            per_round = summary["round_ratios"][name]
+            cells = (f"**{summary['ratio'][name]:.3f}** | **{summary['round_ratio'][name]:.3f}** | "
+                     f"{min(per_round):.2f}–{max(per_round):.2f} | {summary['fastest_ratio'][name]:.3f}")
+        else:
+            cells = "1 | 1 | – | 1"
+        print(f"| {name} | {median_s * 1e3:.0f} | {args.batch_size / median_s:.1f} | "
+              f"{summary['fastest_step_s'][name] * 1e3:.0f} | "
+              f"{min(round_medians) * 1e3:.0f}–{max(round_medians) * 1e3:.0f} | {cells} |")
+    print("first losses (same weights, batch and optimizer): " + "; ".join(
+        f"{short[name]} " + " ".join(f"{v:.4f}" for v in d["losses"][:3]) for name, d in details.items()))
 
 
 def print_memory(args: argparse.Namespace, rows: dict, per_rank: list[dict]) -> None:

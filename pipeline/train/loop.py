@@ -111,7 +111,7 @@ def build_engine(job: JobConfig, inputs: RunInputs, world_size: int, device: tor
     ds_config = build_deepspeed_config(
         micro_batch_size=job.train.micro_batch_size_per_worker(), grad_accum_steps=job.train.grad_accum_steps(),
         world_size=world_size, zero_stage=job.train.zero_stage, bf16=bf16, grad_clip=optim.grad_clip,
-        offload_optimizer=job.train.offload_optimizer)
+        offload_optimizer=job.train.offload_optimizer, num_params=sum(p.numel() for p in model.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     use_weights_only_loading(engine)

@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,12 @@ def load_init_weights(model, weights, *, reset_head: bool) -> None:
 
 
 def configure_worker_logging() -> None:
-    """Our INFO lines reach the driver; Ray Data's progress bars, one per epoch and rank, do not."""
+    """Our INFO lines reach the driver; Ray Data's progress bars, one per epoch and rank, do not, nor torch's
+    deprecation warning for the collectives that DeepSpeed's ZeRO calls on every step."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logger = logging.getLogger("pipeline")
     if not logger.handlers:
         handler = logging.StreamHandler()

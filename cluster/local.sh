@@ -65,12 +65,12 @@ mlflow_pids() {
           while (grew); for (p in mark) print p }'
 }
 
-# SIGTERM, up to 15 s of grace, then SIGKILL; only the PIDs given.
+# SIGTERM, up to 5 s of grace (gcs_server ignores it while it has clients), then SIGKILL; only the PIDs given.
 kill_pids() {
   local pids=("$@") alive i
   ((${#pids[@]})) || return 0
   kill -TERM "${pids[@]}" 2>/dev/null || true
-  for i in $(seq 1 30); do
+  for i in $(seq 1 10); do
     alive=()
     for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
     ((${#alive[@]})) || return 0

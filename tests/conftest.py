@@ -21,3 +21,16 @@ def ray_local():
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """scikit-learn's digits as 32 px shards, written once per test session at an absolute path (jobs submitted to
+    a Ray head run in another working dir)."""
+    from pipeline.data.shard_writer import DIGITS_SHARD_SIZE, write_source
+    from pipeline.data.sources import digits_source
+
+    folder = tmp_path_factory.mktemp("digits")
+    write_source(digits_source(img_size=32), str(folder), max_count=DIGITS_SHARD_SIZE, max_size=1 << 30,
+                 progress=False)
+    return folder

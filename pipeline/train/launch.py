@@ -203,6 +203,7 @@ def run_job(job: JobConfig, inputs: RunInputs, *, job_name: str, parent_run_id: 
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints)),
     )
+    pin_data_stats_to_this_node()
     start = time.perf_counter()
     try:
         result = trainer.fit()
@@ -216,6 +217,18 @@ def run_job(job: JobConfig, inputs: RunInputs, *, job_name: str, parent_run_id: 
     return JobResult(run_id=run_id, tracking_uri=tracking_uri, checkpoint_path=result.checkpoint.path,
                      metrics=dict(result.metrics or {}), wall_time_s=time.perf_counter() - start,
                      storage_path=storage_path, run_name=run_name)
+
+
+def pin_data_stats_to_this_node() -> None:
+    """Ray Data keeps one detached stats actor per cluster, for the cluster's lifetime, on the node of the process
+    that first runs a dataset. Left to the rank-0 Train worker, that would keep a trainer (GPU) node from ever
+    scaling down; created by the driver, it lives on the driver's node (the head under `ray job submit`)."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # another Ray layout: the actor then lands wherever the first dataset runs
+        log.warning("could not pin Ray Data's stats actor to the driver's node")
+        return
+    get_or_create_stats_actor()
 
 
 def record_outcome(job: JobConfig, tracking_uri: str, run_id: str, checkpoint_path: str) -> None:

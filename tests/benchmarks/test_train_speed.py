@@ -31,7 +31,7 @@ def test_train_benchmark_measures_all_three_modes(ray_local, capsys):
     args = parse(["--modes", "overhead,memory,gpu", "--device", "cpu", "--cores", "2",
                   "--preset", "vit_demo_patch4_32", "--img-size", "32", "--batch-size", "8", "--num-classes", "10",
                   "--warmup", "1", "--steps", "2", "--rounds", "2",
-                  "--memory-preset", "vit_tiny_patch16_224", "--memory-img-size", "32",
+                  "--memory-preset", "vit_tiny_patch16_224", "--memory-img-size", "32", "--memory-precisions", "bf16",
                   "--gpu-preset", "vit_demo_patch4_32", "--gpu-img-size", "32", "--gpu-batch-size", "8",
                   "--gpu-warmup", "1", "--gpu-steps", "2", "--peak-tflops", "1"])
     results = train_speed.run(args)
@@ -48,7 +48,7 @@ def test_train_benchmark_measures_all_three_modes(ray_local, capsys):
     assert {details["threads"] for details in overhead["details"].values()} == {2}
 
     memory = results["memory"]
-    for precision in ("fp32", "bf16"):
+    for precision in ("bf16",):  # the GPU precision, and the only DeepSpeed bf16 engines built in the suite
         state = {stage: memory[f"{precision} ZeRO-{stage}"]["state"] for stage in range(4)}
         assert all(state[stage] < state[0] for stage in (1, 2, 3)), state
         assert state[3] == min(state.values()), state

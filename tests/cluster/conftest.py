@@ -25,9 +25,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.data.shard_writer import DIGITS_SHARD_SIZE, write_source
-from pipeline.data.sources import digits_source
-
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent
@@ -190,15 +187,6 @@ class LocalCluster:
                     pass
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             assert not left, f"local.sh stop left {len(left)} processes of the head behind: {[p.pid for p in left]}"
-
-
-@pytest.fixture(scope="session")
-def cluster_digits(tmp_path_factory) -> Path:
-    """Digits shards at an absolute path that the jobs' processes read (they run in another working dir)."""
-    folder = tmp_path_factory.mktemp("cluster-digits")
-    write_source(digits_source(img_size=32), str(folder), max_count=DIGITS_SHARD_SIZE, max_size=1 << 30,
-                 progress=False)
-    return folder
 
 
 @pytest.fixture(scope="session")

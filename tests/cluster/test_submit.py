@@ -25,12 +25,12 @@ def head(tmp_path_factory, local_cluster):
 
 
 @pytest.fixture(scope="module")
-def pretrain(head, cluster_digits, tmp_path_factory, tiny_overrides):
+def pretrain(head, digits_shards, tmp_path_factory, tiny_overrides):
     """A pretrain job submitted to the head; once it is training, the MLflow server is stopped by PID and
     restarted on the same port and database."""
     workdir = tmp_path_factory.mktemp("pretrain")
     job = head.submit("python", "jobs/pretrain.py", "--config", "jobs/configs/digits_pretrain.yaml",
-                      *tiny_overrides(cluster_digits, workdir, f"train.steps={PRETRAIN_STEPS}",
+                      *tiny_overrides(digits_shards, workdir, f"train.steps={PRETRAIN_STEPS}",
                                       f"tracking.uri={head.mlflow_uri}"))
     try:
         first_step_s = job.wait_for(rf"step 1/{PRETRAIN_STEPS} ", timeout_s=400)
@@ -84,12 +84,12 @@ def test_metrics_survive_the_tracking_server_restarting_mid_run(head, pretrain):
     assert "MLflow tracking at" in pretrain["job"].output()  # the outage was noticed and said, not hidden
 
 
-def test_finetune_submitted_from_the_pretrain_run_is_linked_to_it(head, pretrain, cluster_digits, tmp_path,
+def test_finetune_submitted_from_the_pretrain_run_is_linked_to_it(head, pretrain, digits_shards, tmp_path,
                                                                    tiny_overrides):
     pretrain_id = pretrain["run"].info.run_id
     job = head.submit("python", "jobs/finetune.py", "--config", "jobs/configs/digits_finetune.yaml",
                       f"init_from=runs:/{pretrain_id}", "model.img_size=48", "finetune.ema_decay=0",
-                      *tiny_overrides(cluster_digits, tmp_path, "train.steps=6", f"tracking.uri={head.mlflow_uri}"))
+                      *tiny_overrides(digits_shards, tmp_path, "train.steps=6", f"tracking.uri={head.mlflow_uri}"))
     try:
         rc = job.finish(timeout_s=400)
     finally:

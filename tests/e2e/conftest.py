@@ -1,24 +1,14 @@
-"""Shared pieces of the end-to-end tests: digits shards written once, and a tiny pretrain config for the real
-local Ray (the session fixture `ray_local`), real DeepSpeed and a real MLflow sqlite store. Helpers reach the
-test modules as fixtures (the suite runs with --import-mode=importlib)."""
+"""Shared pieces of the end-to-end tests: a tiny pretrain config on the session's digits shards
+(tests/conftest.py) for the real local Ray (the session fixture `ray_local`), real DeepSpeed and a real MLflow
+sqlite store. Helpers reach the test modules as fixtures (the suite runs with --import-mode=importlib)."""
 
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_job_config
-from pipeline.data.shard_writer import DIGITS_SHARD_SIZE, write_source
-from pipeline.data.sources import digits_source
 
 CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
-
-
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("digits")
-    write_source(digits_source(img_size=32), str(folder), max_count=DIGITS_SHARD_SIZE, max_size=1 << 30,
-                 progress=False)
-    return folder
 
 
 @pytest.fixture

@@ -1,50 +1,72 @@
-"""Fine-tuning at twice the pretraining resolution, end to end: pretrain, fine-tune from runs:/<id>, compare."""
+"""The demo chain end to end, as `make demo` runs it: the no-argument pretrain on the embedded digits, a
+fine-tune at twice its resolution from that run (runs:/<id>, found in MLflow), and the comparison."""
 
+import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from safetensors import safe_open
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_job_config
 from pipeline.tracking.compare import compare_runs
-from pipeline.tracking.runs import child_run_ids
-from pipeline.train.launch import prepare_init, prepare_job, run_finetune, run_job, with_latest_pretrain
+from pipeline.tracking.lineage import latest_pretrain_run_id
+from pipeline.tracking.runs import child_run_ids, resolve_tracking_uri
+from pipeline.train.launch import with_latest_pretrain
 
 pytestmark = pytest.mark.e2e
 
+JOBS = Path(__file__).parents[2] / "jobs"
 
-def test_finetune_at_twice_the_resolution_from_a_pretrain_run(ray_local, digits_shards, tmp_path, tiny_job):
+
+def job_main(name: str):
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", JOBS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_the_demo_pretrains_to_90_percent_then_finetunes_at_twice_the_resolution(ray_local, tmp_path, monkeypatch,
+                                                                                  metric_history, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo's data, store and checkpoints land in the current folder
+    for name in ("MLFLOW_TRACKING_URI", "VIT_PIPELINE_HOME"):
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="no finished pretrain run in experiment 'vit-pipeline'.*jobs/pretrain.py"):
-        with_latest_pretrain(tiny_job(digits_shards, tmp_path, config="digits_finetune.yaml"))
+        with_latest_pretrain(load_job_config(JOBS / "configs" / "digits_finetune.yaml"))
 
-    pretrain = run_job(*prepare_job(tiny_job(digits_shards, tmp_path, "train.steps=150", "optim.warmup_steps=10",
-                                             "train.eval_every_n_steps=0", "train.checkpoint_every_n_steps=0")),
-                       job_name="pretrain")
-    job = with_latest_pretrain(tiny_job(digits_shards, tmp_path, "train.steps=60", "train.eval_every_n_steps=0",
-                                        "train.checkpoint_every_n_steps=0", config="digits_finetune.yaml"))
-    assert job.init_from == f"runs:/{pretrain.run_id}" and job.data.img_size == 64
-    job, inputs = prepare_job(job)
-    init = prepare_init(job, inputs)
-    assert init.source_img_size == 32 and not init.reset_head
-    finetune = run_finetune(job, inputs, init)
+    start = time.perf_counter()
+    assert job_main("pretrain")([]) == 0
+    pretrain_s = time.perf_counter() - start
+    uri = resolve_tracking_uri("")
+    assert uri == f"sqlite:///{tmp_path}/mlflow.db"
+    pretrain_id = latest_pretrain_run_id(uri, "vit-pipeline")
+    pretrain_top1 = metric_history(uri, pretrain_id, "val/top1")[-1][1]
+    with capsys.disabled():
+        print(f"\nno-argument pretrain: val top-1 {pretrain_top1:.4f} in {pretrain_s:.0f} s")
+    assert pretrain_top1 >= 0.90
 
-    run = MlflowClient(finetune.tracking_uri).get_run(finetune.run_id)
-    assert run.data.tags["pipeline.parent_run_id"] == pretrain.run_id
-    assert run.data.tags["pipeline.init_from"] == f"runs:/{pretrain.run_id}"
+    # the demo fine-tune, shortened: no init_from, so it starts from the newest pretrain run at 2x its size
+    assert job_main("finetune")(["train.steps=40", "train.eval_every_n_steps=0",
+                                 "train.checkpoint_every_n_steps=0"]) == 0
+    [finetune_id] = child_run_ids(uri, pretrain_id)
+    run = MlflowClient(uri).get_run(finetune_id)
+    assert run.data.tags["pipeline.parent_run_id"] == pretrain_id
+    assert run.data.tags["pipeline.init_from"] == f"runs:/{pretrain_id}"
     assert run.data.tags["pipeline.job"] == "finetune"
     assert run.data.params["pretrain_img_size"] == "32" and run.data.params["img_size"] == "64"
-    assert child_run_ids(finetune.tracking_uri, pretrain.run_id) == [finetune.run_id]
 
-    checkpoint = Path(finetune.checkpoint_path)
+    [checkpoint] = sorted(tmp_path.glob("runs/finetune-*/checkpoint_*"))
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as weights:
         assert weights.get_slice("pos_embed").get_shape() == [1, 1 + 16 * 16, 96]  # 8x8 grid -> 16x16
     assert (checkpoint / "model_ema.safetensors").exists()
     assert json.loads((checkpoint / "config.json").read_text())["model_args"]["img_size"] == 64
-    pretrain_top1, finetune_top1 = pretrain.metrics["last_val/top1"], finetune.metrics["last_val/top1"]
+    finetune_top1 = metric_history(uri, finetune_id, "val/top1")[-1][1]
     assert finetune_top1 >= pretrain_top1 - 0.02, (pretrain_top1, finetune_top1)
-    assert 0.0 <= finetune.metrics["last_val_ema/top1"] <= 1.0
+    assert 0.0 <= metric_history(uri, finetune_id, "val_ema/top1")[-1][1] <= 1.0
 
-    rows = compare_runs(finetune.tracking_uri, experiment=job.tracking.experiment)
+    assert job_main("compare")(["--last", "2", "--out", "compare.png"]) == 0
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    rows = compare_runs(uri, experiment="vit-pipeline")
     assert [(row.job, row.img_size) for row in rows] == [("pretrain", "32"), ("finetune", "64")]

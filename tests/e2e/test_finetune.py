@@ -34,7 +34,7 @@ def test_the_demo_pretrains_to_90_percent_then_finetunes_at_twice_the_resolution
     for name in ("MLFLOW_TRACKING_URI", "VIT_PIPELINE_HOME"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="no finished pretrain run in experiment 'vit-pipeline'.*jobs/pretrain.py"):
-        with_latest_pretrain(load_job_config(JOBS / "configs" / "digits_finetune.yaml"))
+        with_latest_pretrain(load_job_config(JOBS / "configs" / "digits_finetune.yaml", []))
 
     start = time.perf_counter()
     assert job_main("pretrain")([]) == 0

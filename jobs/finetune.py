@@ -11,31 +11,26 @@ its pretrain run in MLflow.
 init_from= takes a checkpoint folder, a model.safetensors, runs:/<run id>, or a timm state_dict file.
 """
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
-from pipeline.train.launch import prepare_init, prepare_job, run_finetune, start_ray, with_latest_pretrain
+from pipeline.train.launch import (
+    parse_job_args,
+    prepare_init,
+    prepare_job,
+    run_finetune,
+    start_ray,
+    with_latest_pretrain,
+)
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_finetune.yaml"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"job YAML (sections model/data/optim/train/tracking/finetune); "
-                                         f"default {DEMO_CONFIG}")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, and init_from=...")
-    parser.add_argument("--local-cpus", type=int, default=None,
-                        help="logical CPUs of the embedded local Ray (ignored when RAY_ADDRESS is set)")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    args = parse_job_args(argv, doc=__doc__, demo_config=DEMO_CONFIG,
+                          sections="model/data/optim/train/tracking/finetune",
+                          overrides_help="section.key=value overrides, and init_from=...")
     try:
         job = load_job_config(args.config or DEMO_CONFIG, args.overrides)
         if not job.init_from:

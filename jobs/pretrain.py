@@ -9,30 +9,18 @@ Overrides are section.key=value with YAML values: train.steps=2000 optim.lr=3e-3
 Re-running with the same train.run_name and train.storage_path resumes the run.
 """
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
-from pipeline.train.launch import prepare_job, run_job, start_ray
+from pipeline.train.launch import parse_job_args, prepare_job, run_job, start_ray
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_pretrain.yaml"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"job YAML (sections model/data/optim/train/tracking); default {DEMO_CONFIG}")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the YAML")
-    parser.add_argument("--local-cpus", type=int, default=None,
-                        help="logical CPUs of the embedded local Ray (ignored when RAY_ADDRESS is set)")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    args = parse_job_args(argv, doc=__doc__, demo_config=DEMO_CONFIG, sections="model/data/optim/train/tracking",
+                          overrides_help="section.key=value overrides applied after the YAML")
     try:
         job = load_job_config(args.config or DEMO_CONFIG, args.overrides)
         if not args.config:

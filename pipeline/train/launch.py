@@ -106,6 +106,23 @@ def check_resumable(path: str, model_args: dict) -> None:
         raise ConfigError(f"train.resume_from: {err}") from err
 
 
+def parse_job_args(argv, *, doc: str, demo_config, sections: str, overrides_help: str):
+    """The command line every training job takes: --config, section.key=value overrides, --local-cpus. Also
+    sets up the job's console logging (our INFO lines, other libraries' warnings)."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"job YAML (sections {sections}); default {demo_config}")
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    parser.add_argument("--local-cpus", type=int, default=None,
+                        help="logical CPUs of the embedded local Ray (ignored when RAY_ADDRESS is set)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    return args
+
+
 def start_ray(local_num_cpus: int | None = None):
     """Attach to a running cluster (RAY_ADDRESS, as `ray job submit` sets it) or start the embedded local Ray
     with its dashboard on 127.0.0.1."""

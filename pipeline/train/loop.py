@@ -239,6 +239,7 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
             epoch, batch = next(batches)
             data_wait_s = time.perf_counter() - wait_start
             images, targets = inputs_pipeline.train_batch(batch)
+            lr = max(engine.lr_scheduler.get_last_lr())  # this step's: the step advances the schedule
             loss = train_step(engine, images, targets, micro_batch=micro_batch, accum=accum,
                               label_smoothing=job.optim.label_smoothing)
             if ema is not None:
@@ -250,7 +251,7 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
 
             metrics: dict[str, float] = {}
             if due(state.step, train_cfg.log_every_n_steps, stop_step):
-                metrics.update(progress.flush(state.step, max(engine.lr_scheduler.get_last_lr()), world_size))
+                metrics.update(progress.flush(state.step, lr, world_size))
                 metrics.update(feed.metrics())
                 metrics["train/epoch"] = epoch
             if val_stream is not None and due(state.step, train_cfg.eval_every_n_steps, stop_step):

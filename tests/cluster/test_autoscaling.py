@@ -70,8 +70,11 @@ def test_pretrain_scales_the_cluster_up_decodes_on_data_nodes_and_scales_down(au
     assert len(data_nodes) >= 1, seen
 
     tasks = head.api("/api/v0/tasks?limit=10000&detail=1")["data"]["result"]["result"]
-    decode = [t for t in tasks if "decode_batch" in t["name"] and t["state"] == "FINISHED"]
-    assert len(decode) >= 10, [t["name"] for t in tasks]  # 8 train and 2 val shards, one task each
+    # one task per shard: the 2 val shards and as many of the 8 train shards as 6 steps needed before the
+    # job ended (the rest were still queued or running, and were cancelled with the job)
+    decode = [t for t in tasks if "decode_batch" in t["name"] and t.get("node_id")]
+    finished = [t for t in decode if t["state"] == "FINISHED"]
+    assert len(finished) >= 3, [(t["name"], t["state"]) for t in tasks]
     assert {t["node_id"] for t in decode} <= data_nodes, "a decode task ran outside the data nodes"
     assert all(t["required_resources"].get("data_node") == 1 for t in decode)
 

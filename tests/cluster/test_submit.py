@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 pytestmark = pytest.mark.e2e
 
-PRETRAIN_STEPS = 160  # long enough that training goes on after the MLflow server has restarted
+PRETRAIN_STEPS = 100  # long enough that training goes on after the MLflow server has restarted (about 15 s)
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,9 @@ def check_compatible(directory: str | Path, model: nn.Module) -> None:
         raise FileNotFoundError(f"{directory} is not a checkpoint of this pipeline: {WEIGHTS_FILE} is missing")
     with safe_open(str(path), framework="pt") as weights:
         saved = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    # under ZeRO-3 a rank holds a partition of each parameter; ds_shape is the whole parameter's shape
+    expected = {key: tuple(getattr(value, "ds_shape", value.shape))
+                for key, value in model.state_dict(keep_vars=True).items()}
     problems = [f"{key}: checkpoint {saved[key]} vs model {expected[key]}"
                 for key in expected if key in saved and saved[key] != expected[key]]
     problems += [f"{key}: missing from checkpoint" for key in expected if key not in saved]

@@ -52,7 +52,7 @@ def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_loc
     assert pretrain_top1 >= MIN_PRETRAIN_TOP1
 
     # the demo fine-tune, shortened: no init_from, so it starts from the newest pretrain run at 2x its size
-    assert job_main("finetune")(["train.steps=40", "train.eval_every_n_steps=0",
+    assert job_main("finetune")(["train.steps=24", "train.eval_every_n_steps=0", "data.local_shuffle_buffer=0",
                                  "train.checkpoint_every_n_steps=0"]) == 0
     [finetune_id] = child_run_ids(uri, pretrain_id)
     run = MlflowClient(uri).get_run(finetune_id)

@@ -51,28 +51,11 @@ def check_consolidated(job, inputs, result) -> None:
         assert (model(images) - theirs(images)).abs().max().item() <= 1e-5
 
 
-def test_zero3_trains_on_two_cpu_workers_and_consolidates(ray_local, digits_shards, tmp_path, tiny_job,
-                                                          metric_history):
-    # ZeRO-3 partitions the parameters themselves, so the weights are gathered to save them. The other stages keep
-    # whole parameters on every rank: ZeRO-0 runs in the resume test, ZeRO-2 (the default) in the others, and
-    # the suite builds ZeRO-1 engines in the train benchmark's memory mode.
-    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, "train.zero_stage=3", "train.steps=40",
-                                       "optim.lr=2e-3", "train.eval_every_n_steps=0",
-                                       "train.checkpoint_every_n_steps=0"))
-    result = run_job(job, inputs, job_name="pretrain")
-    losses = [value for _, value in metric_history(result.tracking_uri, result.run_id, "train/loss")]
-    assert len(losses) == 40
-    # 40 steps at 2e-3 drop the mean loss by 0.13-0.32 in a plain torch loop on digits (8 seeds); 24 steps at
-    # 1e-3 only by 0.05-0.08, too close to this bound
-    assert statistics.mean(losses[-6:]) < statistics.mean(losses[:6]) - 0.05, losses
-    check_consolidated(job, inputs, result)
-
-
 def test_resume_continues_the_step_count_and_the_epoch_at_shard_granularity(ray_local, digits_shards, tmp_path,
                                                                             tiny_job, metric_history):
     steps, half = 60, 30  # 1437 train images / 32 = 44 steps per epoch: the stop falls inside epoch 0
     common = (f"train.steps={steps}", "train.checkpoint_every_n_steps=30", "train.eval_every_n_steps=0",
-              "data.prefetch_batches=1", "train.zero_stage=0", "optim.lr=2e-3")
+              "data.prefetch_batches=1", "optim.lr=2e-3")  # ZeRO-2, the default
     first = run_job(*prepare_job(tiny_job(digits_shards, tmp_path, *common, f"train.stop_after_steps={half}")),
                     job_name="pretrain")
     state = json.loads((Path(first.checkpoint_path) / STATE_FILE).read_text())
@@ -106,14 +89,17 @@ def test_resume_continues_the_step_count_and_the_epoch_at_shard_granularity(ray_
     assert first_step_of_epoch_1 == half + left // 32 + 1
     final = json.loads((Path(second.checkpoint_path) / STATE_FILE).read_text())
     assert final["epoch"] == 1 and final["images_seen"] == steps * 32
-    check_consolidated(job, inputs, second)  # ZeRO-0: DeepSpeed's plain engine, no ZeRO optimizer
+    check_consolidated(job, inputs, second)
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shards, tmp_path, tiny_job,
                                                          metric_history):
     from ray.util.state import list_actors
 
-    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, "train.steps=50", "train.checkpoint_every_n_steps=10",
+    # ZeRO-3, which partitions the parameters themselves: the restart restores partitioned weights and optimizer
+    # state, and every checkpoint gathers the weights to save them. ZeRO-2 (the default) runs in the other jobs.
+    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, "train.zero_stage=3", "train.steps=40",
+                                       "optim.lr=2e-3", "train.checkpoint_every_n_steps=10",
                                        "train.eval_every_n_steps=0", "train.max_failures=1"))
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run_job(job, inputs, job_name="pretrain")))
@@ -144,7 +130,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     thread.join(timeout=600)
     assert "result" in outcome, "the run did not finish after the worker was killed"
     result = outcome["result"]
-    assert result.metrics["step"] == 50
+    assert result.metrics["step"] == 40
 
     dead = list_actors(address=address, filters=[("actor_id", "=", victim.actor_id)])
     assert dead[0].state == "DEAD"
@@ -152,16 +138,17 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     values: dict[int, set[float]] = {}
     for step, value in history:
         values.setdefault(step, set()).add(value)
-    assert set(values) == set(range(1, 51))
+    assert set(values) == set(range(1, 41))
     resumed_at = [int(v) for _, v in metric_history(result.tracking_uri, result.run_id, "train/resumed_at_step")]
     assert len(resumed_at) == 1 and resumed_at[0] % 10 == 0 and resumed_at[0] >= max(10, checkpointed_step - 10)
     # steps up to the checkpoint it restarted from were not redone; only the ones after it may hold two values
     assert all(len(values[step]) == 1 for step in range(1, resumed_at[0] + 1))
 
-    model = VisionTransformer(**inputs.model_args).eval()
-    model.load_state_dict(read_weights(result.checkpoint_path), strict=True)
-    assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
-    assert json.loads((Path(result.checkpoint_path) / STATE_FILE).read_text())["step"] == 50
+    # it trained: 40 steps at 2e-3 drop the mean loss by 0.13-0.32 in a plain torch loop on digits (8 seeds)
+    first_values = [min(values[step]) for step in sorted(values)]
+    assert statistics.mean(first_values[-6:]) < statistics.mean(first_values[:6]) - 0.05, first_values
+    assert json.loads((Path(result.checkpoint_path) / STATE_FILE).read_text())["step"] == 40
+    check_consolidated(job, inputs, result)
 
 
 def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job):

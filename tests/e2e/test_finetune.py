@@ -67,7 +67,7 @@ def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_loc
     assert (checkpoint / "model_ema.safetensors").exists()
     assert json.loads((checkpoint / "config.json").read_text())["model_args"]["img_size"] == 64
     finetune_top1 = metric_history(uri, finetune_id, "val/top1")[-1][1]
-    # it starts from the pretrained weights: 40-60 steps from scratch reach 0.16-0.29 (the ZeRO-3 and resume tests);
+    # it starts from the pretrained weights: 40-60 steps from scratch read 0.16-0.29 (e2e pretrain test runs);
     # from a 300-step pretrain at 0.833 the fine-tune read 0.822
     assert finetune_top1 >= pretrain_top1 - 0.1, (pretrain_top1, finetune_top1)
     assert 0.0 <= metric_history(uri, finetune_id, "val_ema/top1")[-1][1] <= 1.0

@@ -72,8 +72,8 @@ def test_resume_continues_the_step_count_and_the_epoch_at_shard_granularity(ray_
     lrs = dict(metric_history(first.tracking_uri, first.run_id, "train/lr"))
     lrs.update(metric_history(second.tracking_uri, second.run_id, "train/lr"))
     assert [lrs[step] for step in range(1, steps + 1)] == pytest.approx(
-        [2e-3 * lr_multiplier(step - 1, warmup_steps=2, total_steps=steps, min_lr_ratio=job.optim.min_lr_ratio)
-         for step in range(1, steps + 1)], rel=1e-6)
+        [job.optim.lr * lr_multiplier(step - 1, warmup_steps=job.optim.warmup_steps, total_steps=steps,
+                                      min_lr_ratio=job.optim.min_lr_ratio) for step in range(1, steps + 1)], rel=1e-6)
     before = [value for _, value in metric_history(first.tracking_uri, first.run_id, "train/loss")]
     after = [value for _, value in resumed]
     assert statistics.mean(after[:6]) == pytest.approx(statistics.mean(before[-6:]), abs=0.15)

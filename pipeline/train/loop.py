@@ -7,6 +7,7 @@ checkpoint, report) at the same steps, so no rank waits on another that has stop
 
 import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -89,10 +90,22 @@ def resolve_device(job: JobConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def use_cpu_deepspeed() -> None:
+    """Before DeepSpeed's first import on a CPU-only worker: choose its CPU accelerator, and put this interpreter's
+    bin folder first on PATH, so that the shared-memory comm op it JIT-builds is always built by the `ninja`
+    installed with DeepSpeed. A system ninja of another version hashes the build commands differently, and every
+    switch between the two rebuilds the op, which takes a minute."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed is first imported
+    bin_dir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(bin_dir, "ninja")):
+        rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *rest])
+
+
 def build_engine(job: JobConfig, inputs: RunInputs, world_size: int, device: torch.device):
     """Model from config, AdamW param groups, warmup+cosine, wrapped by DeepSpeed."""
     if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed is first imported
+        use_cpu_deepspeed()
     import deepspeed
 
     from pipeline.model import VisionTransformer

@@ -57,16 +57,21 @@ def head(tmp_path_factory, local_cluster):
     try:
         cluster.local_sh("start")
         assert worker_nodes(cluster.nodes()) == []  # min_workers 0: only the CPU-less head to start with
-        cluster.watcher = NodeWatcher(cluster)
         yield cluster
     finally:
-        if hasattr(cluster, "watcher"):
-            cluster.watcher.stop()
         cluster.stop()
 
 
 @pytest.fixture(scope="module")
-def pretrain(head, digits_shards, tmp_path_factory, tiny_overrides):
+def nodes_seen(head):
+    """Node id -> node, for every worker node alive at some point while the module's jobs ran."""
+    watcher = NodeWatcher(head)
+    yield watcher.seen
+    watcher.stop()
+
+
+@pytest.fixture(scope="module")
+def pretrain(head, nodes_seen, digits_shards, tmp_path_factory, tiny_overrides):
     """A pretrain job submitted to the head; once it is training, the MLflow server is stopped by PID and
     restarted on the same port and database."""
     workdir = tmp_path_factory.mktemp("pretrain")
@@ -92,29 +97,7 @@ def pretrain(head, digits_shards, tmp_path_factory, tiny_overrides):
                                 filter_string="tags.`pipeline.job` = 'pretrain'")
     tasks = head.api("/api/v0/tasks?limit=10000&detail=1")["data"]["result"]["result"]
     return {"run": run, "job": job, "first_step_s": first_step_s, "down_ms": down_ms, "up_ms": up_ms,
-            "workdir": workdir, "nodes": dict(head.watcher.seen), "tasks": tasks}
-
-
-def http_status(url: str, token: str | None) -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def test_submit_needs_the_head_token(head):
-    jobs_api = f"{head.address}/api/jobs/"
-    assert (http_status(jobs_api, None), http_status(jobs_api, "0" * 64), http_status(jobs_api, head.token)) == (
-        401, 403, 200)
-    for token in (None, "0" * 64):  # no token, a wrong token
-        refused = head.submit("echo", "refused", token=token, extra=("--no-wait",))
-        assert refused.finish(timeout_s=120) != 0
-        assert "ray.exceptions.AuthenticationError" in refused.output(), refused.tail()
-    accepted = head.submit("echo", "accepted with the token")
-    assert accepted.finish(timeout_s=180) == 0, accepted.tail()
-    assert "accepted with the token" in accepted.output() and "succeeded" in accepted.output()
+            "workdir": workdir, "nodes": dict(nodes_seen), "tasks": tasks}
 
 
 def test_pretrain_job_is_recorded_on_the_tracking_server(head, pretrain):
@@ -198,11 +181,33 @@ def test_finetune_submitted_from_the_pretrain_run_is_linked_to_it(head, pretrain
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 7))
 
 
-def test_worker_nodes_go_away_once_idle(head, finetune, poll):
+def test_worker_nodes_go_away_once_idle(head, finetune, nodes_seen, poll):
     started = time.monotonic()
     gone = poll(lambda: not worker_nodes(head.nodes()), timeout_s=120)
     assert gone, f"nodes still up: {[n['node_id'] for n in worker_nodes(head.nodes())]}"
-    seen = head.watcher.seen
-    print(f"\nworker nodes seen over both jobs: {len(seen)}; all removed {time.monotonic() - started:.0f} s after "
-          f"the fine-tune ended (idle_timeout_minutes 0.1)")
-    assert {n["node_id"] for n in worker_nodes(head.nodes(), "DEAD")} >= set(seen)
+    print(f"\nworker nodes seen over both jobs: {len(nodes_seen)}; all removed {time.monotonic() - started:.0f} s "
+          f"after the fine-tune ended (idle_timeout_minutes 0.1)")
+    assert {n["node_id"] for n in worker_nodes(head.nodes(), "DEAD")} >= set(nodes_seen)
+
+
+def http_status(url: str, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_submit_needs_the_head_token(head):
+    # last, so that no other job starts or ends on the head while the training jobs start
+    jobs_api = f"{head.address}/api/jobs/"
+    assert (http_status(jobs_api, None), http_status(jobs_api, "0" * 64), http_status(jobs_api, head.token)) == (
+        401, 403, 200)
+    for token in (None, "0" * 64):  # no token, a wrong token
+        refused = head.submit("echo", "refused", token=token, extra=("--no-wait",))
+        assert refused.finish(timeout_s=120) != 0
+        assert "ray.exceptions.AuthenticationError" in refused.output(), refused.tail()
+    accepted = head.submit("echo", "accepted with the token")
+    assert accepted.finish(timeout_s=180) == 0, accepted.tail()
+    assert "accepted with the token" in accepted.output() and "succeeded" in accepted.output()

@@ -1,15 +1,11 @@
-import os
-
 import pytest
+import torch
 
-# DeepSpeed picks its accelerator at import time; on a CPU-only host it must be told before any import.
-try:
-    import torch
+from pipeline.train.loop import use_cpu_deepspeed
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-except ImportError:  # pragma: no cover - torch is a hard dependency
-    pass
+# DeepSpeed picks its accelerator at import time; on a CPU-only host it must be told before any test imports it.
+if not torch.cuda.is_available():
+    use_cpu_deepspeed()
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,9 @@ def test_decode_tasks_request_the_data_resource_and_stay_fused_with_the_read(ray
     assert len(tasks) == 3, [(t.name, t.required_resources) for t in tasks]  # one fused task per shard
     for task in tasks:
         assert "->" in task.name and "decode_batch" in task.name, task.name  # read and decode in one task
-        assert task.required_resources == {"CPU": 0.25, resource: pytest.approx(0.003)}
+        # Ray Data adds "memory" (the average output block size) to the tasks launched after the first one finishes
+        requested = {name: amount for name, amount in task.required_resources.items() if name != "memory"}
+        assert requested == {"CPU": 0.25, resource: pytest.approx(0.003)}
 
 
 def test_decode_resources_are_validated_and_parsed_from_overrides():

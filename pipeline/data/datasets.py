@@ -20,7 +20,6 @@ from pipeline.config import DataConfig
 from pipeline.data.bad_samples import BadSamplePolicy, BadSampleReport, build_ledger, read_ledger
 from pipeline.data.manifest import find_manifest, steps_per_epoch
 from pipeline.data.tar_reader import expand_shards, read_shards
-from pipeline.data.transforms import decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,15 @@ class ImageDataset:
             raise ValueError(f"no manifest beside {self.shard_paths[0]}, so the epoch size is unknown; write one "
                              "with `python jobs/make_shards.py --source shards:PATTERN`")
         return steps_per_epoch(self.num_samples, world_size, batch_size)
+
+
+def decode_batch(batch: dict, **kwargs) -> dict:
+    """The `map_batches` function: `transforms.decode_batch`, imported only where a batch is decoded. The
+    driver and Ray Data's coordinator actors unpickle this function too, and would otherwise pay for
+    importing torch and torchvision (about 6 s of CPU each) without decoding anything."""
+    from pipeline.data import transforms
+
+    return transforms.decode_batch(batch, **kwargs)
 
 
 def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, first_epoch: int = 0,

@@ -3,7 +3,6 @@
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 
 class InputPipeline:
@@ -17,6 +16,10 @@ class InputPipeline:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
         mixers = []
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            # imported here: torchvision costs every process about 3 s of CPU (it pulls in torch._dynamo), and
+            # neither the driver nor a worker without mixup/cutmix needs it
+            from torchvision.transforms import v2
         if mixup_alpha > 0:
             mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
         if cutmix_alpha > 0:

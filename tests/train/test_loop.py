@@ -1,5 +1,6 @@
 import os
 import shutil
+import subprocess
 import sys
 
 from pipeline.train.loop import use_cpu_deepspeed
@@ -13,3 +14,12 @@ def test_cpu_deepspeed_builds_its_ops_with_the_ninja_installed_beside_it(monkeyp
     assert os.environ["DS_ACCELERATOR"] == "cpu"
     assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]  # moved first, not duplicated
     assert os.path.dirname(shutil.which("ninja")) == bin_dir
+
+
+def test_the_driver_and_data_coordinators_do_not_import_torchvision():
+    # a job's driver imports the launcher, and Ray Data's coordinator actors import the module of the decode
+    # function when they unpickle the plan; the decode tasks, and mixup/cutmix, import torchvision where it is used
+    code = ("import sys; import pipeline.train.launch, pipeline.data.datasets; "
+            "print(sorted(m for m in sys.modules if m.startswith('torchvision')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -130,8 +130,11 @@ EOF
   if [[ -n "${RAY_AUTOSCALING_CONFIG:-}" ]]; then
     [[ -f "$RAY_AUTOSCALING_CONFIG" ]] || die "RAY_AUTOSCALING_CONFIG: no file $RAY_AUTOSCALING_CONFIG"
     sed "s|\${RAY_GCS_ADDRESS}|127.0.0.1:$gcs_port|g" "$RAY_AUTOSCALING_CONFIG" > "$STATE/autoscaling.yaml"
-    # the fake multi-node provider needs the head in the foreground (--block): it runs in the background here
+    # the fake multi-node provider needs the head in the foreground (--block): it runs in the background here.
+    # Its nodes share this machine, where Ray's address discovery finds the one GCS under two addresses; Ray
+    # Train's PlacementGroupCleaner then fails on "multiple active Ray instances" unless told the API server.
     "${env[@]}" RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S=1 \
+      RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dashboard_port" \
       nohup "$BIN/ray" "${args[@]}" --num-cpus=0 --autoscaling-config="$STATE/autoscaling.yaml" --block \
       > "$STATE/logs/ray-start.log" 2>&1 < /dev/null &
     echo $! > "$STATE/ray.pid"

@@ -29,8 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent
 RAY_WORKER_PORTS = range(10002, 20000)  # ray start's default worker port range: no other head port may be in it
+# one decode task at a time is plenty for digits, and spares the 2-core machine the start of more task workers
+# (each imports torch and torchvision: about 7 s of CPU)
 TINY = ("train.global_batch_size=16", "optim.warmup_steps=2", "train.log_every_n_steps=1",
-        "data.local_shuffle_buffer=0", "train.eval_every_n_steps=0", "train.checkpoint_every_n_steps=0")
+        "data.local_shuffle_buffer=0", "data.decode_concurrency=1", "train.eval_every_n_steps=0",
+        "train.checkpoint_every_n_steps=0")
 
 
 def free_port() -> int:
@@ -148,8 +151,9 @@ class LocalCluster:
             return clean_env(RAY_AUTH_MODE="disabled")
         return clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token if token == "head" else token)
 
-    def submit(self, *entrypoint: str, token: str | None = "head", extra: tuple[str, ...] = ()) -> Job:
-        args = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", ".", *extra,
+    def submit(self, *entrypoint: str, token: str | None = "head", working_dir: str = ".",
+               extra: tuple[str, ...] = ()) -> Job:
+        args = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", working_dir, *extra,
                 "--", *entrypoint]
         return Job(args, self.client_env(token=token))
 

@@ -59,29 +59,41 @@ ray_pids() (  # a subshell: ray.env must not leak into the caller's settings
 mlflow_pids() {
   local pid
   pid="$(cat "$STATE/mlflow.pid" 2>/dev/null || true)"
-  [[ -n "$pid" ]] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF "$STATE/mlflow.db" || return 0
+  [[ -n "$pid" ]] && tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline" | grep -qF "$STATE/mlflow.db" || return 0
   ps -eo pid=,ppid= | R="$pid" awk '{ parent[$1] = $2; if ($1 == ENVIRON["R"]) mark[$1] = 1 }
     END { do { grew = 0; for (p in parent) if (!(p in mark) && (parent[p] in mark)) { mark[p] = 1; grew = 1 } }
           while (grew); for (p in mark) print p }'
 }
 
-# SIGTERM, up to 5 s of grace (gcs_server ignores it while it has clients), then SIGKILL; only the PIDs given.
+# The PIDs given that still run: a zombie has exited, only its parent has yet to reap it.
+running() {
+  (($#)) || return 0
+  ps -o pid=,stat= -p "$(IFS=,; echo "$*")" | awk '$2 !~ /^Z/ { print $1 }'
+}
+
+# SIGTERM, up to 5 s of grace (gcs_server ignores it while it has clients), then SIGKILL and until they are gone;
+# only the PIDs given.
 kill_pids() {
   local pids=("$@") alive i
   ((${#pids[@]})) || return 0
   kill -TERM "${pids[@]}" 2>/dev/null || true
   for i in $(seq 1 10); do
-    alive=()
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
+    mapfile -t alive < <(running "${pids[@]}")
     ((${#alive[@]})) || return 0
     sleep 0.5
   done
   kill -KILL "${alive[@]}" 2>/dev/null || true
+  for i in $(seq 1 50); do
+    mapfile -t alive < <(running "${alive[@]}")
+    ((${#alive[@]})) || return 0
+    sleep 0.1
+  done
 }
 
-wait_http() {  # URL TIMEOUT_S EXPECTED_TEXT [TOKEN_FILE]: until it answers 200 with EXPECTED_TEXT in the body
+wait_http() {  # URL TIMEOUT_S EXPECTED_TEXT [TOKEN_FILE]: until it answers 200 with EXPECTED_TEXT in the body;
+               # with WAIT_PID set, gives up as soon as that process has exited
   "$BIN/python" - "$@" <<'EOF'
-import sys, time, urllib.error, urllib.request
+import os, sys, time, urllib.error, urllib.request
 url, timeout_s, expected = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 headers = {"Authorization": "Bearer " + open(sys.argv[4]).read().strip()} if len(sys.argv) > 4 else {}
 deadline = time.monotonic() + timeout_s
@@ -92,6 +104,8 @@ while True:
                 sys.exit(0)
     except (urllib.error.URLError, OSError):
         pass
+    if os.environ.get("WAIT_PID") and not os.path.exists(f"/proc/{os.environ['WAIT_PID']}"):
+        sys.exit(f"local.sh: the process that should answer {url} has exited")
     if time.monotonic() > deadline:
         sys.exit(f"local.sh: {url} did not answer within {timeout_s:.0f} s")
     time.sleep(0.5)
@@ -172,7 +186,7 @@ start_mlflow() {
     --artifacts-destination "$STATE/mlartifacts" --host 127.0.0.1 --port "$port" --workers "${MLFLOW_WORKERS:-1}" \
     >> "$STATE/logs/mlflow.log" 2>&1 < /dev/null &
   echo $! > "$STATE/mlflow.pid"
-  wait_http "http://127.0.0.1:$port/health" 120 OK \
+  WAIT_PID="$(cat "$STATE/mlflow.pid")" wait_http "http://127.0.0.1:$port/health" 120 OK \
     || { tail -n 20 "$STATE/logs/mlflow.log" >&2; stop_mlflow; die "the MLflow server did not come up"; }
   echo "MLflow server: http://127.0.0.1:$port, database $STATE/mlflow.db, artifacts $STATE/mlartifacts"
 }
@@ -208,9 +222,23 @@ status() {
   [[ -n "$ray" || -n "$mlflow" ]]
 }
 
+# The head and the MLflow server start (about 10 s each) and stop side by side.
+start_both() {
+  make_state
+  local out="$STATE/logs/start-mlflow.out" mlflow_job
+  ( start_mlflow ) > "$out" 2>&1 &
+  mlflow_job=$!
+  # shellcheck disable=SC2064
+  trap "wait $mlflow_job; stop_mlflow > /dev/null" EXIT  # a head that fails to start leaves no server behind
+  start_ray
+  trap - EXIT
+  wait "$mlflow_job" || { cat "$out" >&2; stop_ray > /dev/null; exit 1; }
+  cat "$out"
+}
+
 case "${1:-}" in
-  start) start_ray; start_mlflow; print_env ;;
-  stop) stop_mlflow; stop_ray ;;
+  start) start_both; print_env ;;
+  stop) stop_mlflow & stop_ray; wait ;;
   status) status ;;
   env) print_env ;;
   start-ray) start_ray ;;

@@ -59,6 +59,7 @@ class Job:
 
     def __init__(self, args: list[str], env: dict[str, str]):
         self.started = time.monotonic()
+        self.env = env
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

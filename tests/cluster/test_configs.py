@@ -53,7 +53,7 @@ def test_local_autoscaling_config_passes_rays_schema_check():
     types = config["available_node_types"]
     assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
     assert max(t.get("max_workers", 0) for t in types.values() if "data_node" not in t["resources"]) >= 2
-    assert config["provider"]["type"] == "fake_multinode" and config["idle_timeout_minutes"] <= 0.1
+    assert config["provider"]["type"] == "fake_multinode" and config["idle_timeout_minutes"] <= 0.25
 
 
 def worker_groups(spec: dict) -> dict[str, dict]:

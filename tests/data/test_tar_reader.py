@@ -75,6 +75,30 @@ def test_members_out_of_key_order_do_not_raise(tars):
         ("a", True, None), ("b", True, None), ("a", False, b"0")]
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_member_names_and_non_file_members_in_each_tar_format(tmp_path, tar_format):
+    folder = "d" * 90 + "/" + "e" * 60  # ustar splits it into prefix + name; GNU and pax write a long-name record
+    ustar = tar_format == tarfile.USTAR_FORMAT
+    key = f"{folder}/sample" if ustar else f"{folder}/{'k' * 120}"
+    path = str(tmp_path / "long.tar")
+    with tarfile.open(path, "w", format=tar_format) as t:
+        t.addfile(_member(folder, tarfile.DIRTYPE))
+        # a long link target: GNU writes a long-link record for it, pax a linkpath record
+        t.addfile(_member("link.jpg", tarfile.SYMTYPE, linkname="x" * (50 if ustar else 150)))
+        for suffix, payload in [("jpg", b"jpeg bytes"), ("cls", b"3")]:
+            info = _member(f"{key}.{suffix}", tarfile.REGTYPE, len(payload))
+            t.addfile(info, io.BytesIO(payload))
+    with open(path, "rb") as f:
+        rows = list(iter_tar_samples(f, path))
+    assert [(r["__key__"], r["image"], r["cls"], r["read_error"]) for r in rows] == [(key, b"jpeg bytes", b"3", None)]
+
+
+def _member(name: str, kind: bytes, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.linkname = kind, size, linkname
+    return info
+
+
 def shard_sequence(dataset: ray.data.Dataset) -> list[str]:
     urls = [r["__url__"] for r in dataset.select_columns(["__url__"]).take_all()]
     return list(dict.fromkeys(urls))

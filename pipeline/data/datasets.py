@@ -23,6 +23,30 @@ from pipeline.data.tar_reader import expand_shards, read_shards
 
 log = logging.getLogger(__name__)
 
+LIMITS_REFRESH_S = 0.1
+
+
+def start_epochs_at_full_width() -> None:
+    """Let every execution of a dataset (every epoch) start as many decode tasks as the cluster holds at once.
+
+    Ray Data 2.60 learns an execution's resource limits from its autoscaling coordinator actor, with a
+    non-blocking poll that it repeats once a second. The first poll of each execution has no reply yet, so for
+    its first second the executor runs a single task, however many CPUs there are. Polling every 0.1 s ends
+    that after 0.1 s: +12 % images/s in `jobs/benchmark.py data` (docs/benchmarks.md, "Data loading").
+    Ray offers no setting for it, so this lowers the interval on Ray Data's resource manager class. It runs
+    where datasets execute: on import of this module, which the driver and Ray Data's split coordinators (they
+    unpickle `decode_batch`) both do. On a Ray without that class or attribute it does nothing.
+    """
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:  # pragma: no cover - depends on the Ray release
+        return
+    if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > LIMITS_REFRESH_S:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_REFRESH_S
+
+
+start_epochs_at_full_width()
+
 
 @dataclass
 class ImageDataset:

@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-cpus", type=int, default=2 * (os.cpu_count() or 1),
                         help="logical CPUs of the local Ray for (a)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the table shows medians")
-    parser.add_argument("--bare-images", type=int, default=1000, help="images timed in the bare loops (c)")
+    parser.add_argument("--bare-images", type=int, default=0,
+                        help="images timed in each bare loop (c); 0: all of them, as (a) and (b) read")
     parser.add_argument("--rss-multiple", type=int, default=10,
                         help="the large RSS run reads this many times the shards")
     parser.add_argument("--skip-rss", action="store_true", help="do not run the peak RSS measurements")
@@ -219,13 +220,16 @@ def multiplied_shards(shards: list[str], folder: str, multiple: int) -> list[str
 
 
 def measure(shards: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
-    """Images/s of each contender in each of the interleaved rounds, after one warm-up each."""
+    """Images/s of each contender in each of the interleaved rounds, after one warm-up each. Starts a local Ray
+    of --ray-cpus logical CPUs unless one is already up."""
     import ray
 
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        bare = bare_loops(shards, args.img_size, args.bare_images)
+        bare = bare_loops(shards, args.img_size, args.bare_images or args.num_images)
         contenders = {
             f"(a) ours: Ray Data pipeline, Ray given {args.ray_cpus} logical CPUs":
                 ray_pipeline(shards, args.img_size, args.batch_size),
@@ -245,10 +249,14 @@ def measure(shards: list[str], args: argparse.Namespace) -> dict[str, list[float
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v[-1]:.0f}" for v in samples.values()), flush=True)
         return samples
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> dict:
+    """Prints the tables for docs/benchmarks.md; returns the median images/s per contender, the two goal ratios
+    (by medians and by per-round ratios) and, unless --skip-rss, the peak (RSS, PSS) MiB at 1x and at the
+    multiple."""
     workdir = args.workdir or tempfile.mkdtemp(prefix="data-bench-")
     try:
         shards = build_bench_shards(os.path.join(workdir, "shards"), args.num_images, args.shard_size, args.seed)
@@ -272,6 +280,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"median of per-round ratios: (a)/(b) = {paired(a_rounds, b_rounds):.2f}, (a)/(c) = "
               f"{paired(a_rounds, c_rounds):.2f}; capped: {paired(a_capped_rounds, b_rounds):.2f} and "
               f"{paired(a_capped_rounds, c_rounds):.2f}")
+        results = {"images_per_s": rows, "a_over_b": (a / b, paired(a_rounds, b_rounds)),
+                   "a_over_c": (a / c, paired(a_rounds, c_rounds))}
         if not args.skip_rss:
             small = peak_memory_mib(shards, args.ray_cpus, args.img_size, args.batch_size)
             many = multiplied_shards(shards, os.path.join(workdir, "many"), args.rss_multiple)
@@ -281,7 +291,9 @@ def run(args: argparse.Namespace) -> None:
             print(f"| {len(many)} | {args.num_images * args.rss_multiple} | {large[0]:.0f} | {large[1]:.0f} |")
             print(f"\nRSS {args.rss_multiple}x/1x = {large[0] / small[0]:.2f}, PSS {args.rss_multiple}x/1x = "
                   f"{large[1] / small[1]:.2f} (goal <= 1.2)")
+            results["peak_mib"] = {1: small, args.rss_multiple: large}
         print(f"\ncommand: python jobs/benchmark.py data {' '.join(sys.argv[2:])}".rstrip())
+        return results
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

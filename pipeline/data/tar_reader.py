@@ -128,8 +128,9 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
                                     "archive ends without its end-of-archive block")
         if header == _ZERO_BLOCK:
             return
-        if tarfile.nti(header[148:156]) not in tarfile.calc_chksums(header):
-            raise tarfile.ReadError("bad checksum: not a tar header")
+        if not _is_header(header):
+            raise tarfile.ReadError("gzip data: shards must be uncompressed tars" if header[:2] == b"\x1f\x8b"
+                                    else "not a tar header (bad checksum)")
         size = tarfile.nti(header[124:136])
         data = fileobj.read(size)
         if len(data) < size:
@@ -152,6 +153,13 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             yield name, data
         elif kind not in (tarfile.XGLTYPE, tarfile.GNUTYPE_LONGLINK):
             long_name = None  # directories, links, devices: nothing a sample needs
+
+
+def _is_header(block: bytes) -> bool:
+    try:
+        return tarfile.nti(block[148:156]) in tarfile.calc_chksums(block)
+    except tarfile.HeaderError:  # the checksum field is not a number
+        return False
 
 
 def _text(field: bytes) -> str:

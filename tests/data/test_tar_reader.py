@@ -1,5 +1,6 @@
 """Tolerant tar reading, shard path expansion and the per-epoch shard order."""
 
+import gzip
 import io
 import os
 import tarfile
@@ -54,12 +55,14 @@ def test_truncated_between_members_is_detected(tars):
     assert "after key 0003" in rows[-1]["read_error"]
 
 
-def test_complete_tar_has_no_marker_and_garbage_or_empty_files_give_one(tars):
+def test_complete_tar_has_no_marker_and_garbage_empty_or_compressed_files_give_one(tars):
     data, _ = tar_bytes(tars, 3)
     assert [r["read_error"] for r in iter_tar_samples(io.BytesIO(data), "t.tar")] == [None] * 3
     for junk in (b"", b"this is not a tar archive" * 50):
         rows = list(iter_tar_samples(io.BytesIO(junk), "junk.tar"))
         assert len(rows) == 1 and rows[0]["read_error"] and rows[0]["image"] is None
+    rows = list(iter_tar_samples(io.BytesIO(gzip.compress(data)), "t.tar"))
+    assert len(rows) == 1 and "shards must be uncompressed tars" in rows[0]["read_error"]
 
 
 def test_members_out_of_key_order_do_not_raise(tars):

@@ -32,8 +32,8 @@ def start_epochs_at_full_width() -> None:
     Ray Data 2.60 learns an execution's resource limits from its autoscaling coordinator actor, with a
     non-blocking poll that it repeats once a second. The first poll of each execution has no reply yet, so for
     its first second the executor runs a single task, however many CPUs there are. Polling every 0.1 s ends
-    that after 0.1 s: +12 % images/s in `jobs/benchmark.py data` (docs/benchmarks.md, "Data loading").
-    Ray offers no setting for it, so this lowers the interval on Ray Data's resource manager class. It runs
+    that after 0.1 s: +4-7 % images/s on the data benchmark's 4,000 images (docs/benchmarks.md, "Data
+    loading"). Ray offers no setting for it, so this lowers the interval on Ray Data's resource manager class. It runs
     where datasets execute: on import of this module, which the driver and Ray Data's split coordinators (they
     unpickle `decode_batch`) both do. On a Ray without that class or attribute it does nothing.
     """

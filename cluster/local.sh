@@ -71,23 +71,28 @@ running() {
   ps -o pid=,stat= -p "$(IFS=,; echo "$*")" | awk '$2 !~ /^Z/ { print $1 }'
 }
 
+# TRIES INTERVAL_S PID...: polls until the PIDs have exited, at most TRIES times; prints those still running.
+still_running_after() {
+  local tries=$1 interval_s=$2 i alive
+  shift 2
+  for i in $(seq 1 "$tries"); do
+    mapfile -t alive < <(running "$@")
+    ((${#alive[@]})) || return 0
+    sleep "$interval_s"
+  done
+  printf '%s\n' "${alive[@]}"
+}
+
 # SIGTERM, up to 5 s of grace (gcs_server ignores it while it has clients), then SIGKILL and until they are gone;
 # only the PIDs given.
 kill_pids() {
-  local pids=("$@") alive i
-  ((${#pids[@]})) || return 0
-  kill -TERM "${pids[@]}" 2>/dev/null || true
-  for i in $(seq 1 10); do
-    mapfile -t alive < <(running "${pids[@]}")
-    ((${#alive[@]})) || return 0
-    sleep 0.5
-  done
+  local alive
+  (($#)) || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  mapfile -t alive < <(still_running_after 10 0.5 "$@")
+  ((${#alive[@]})) || return 0
   kill -KILL "${alive[@]}" 2>/dev/null || true
-  for i in $(seq 1 50); do
-    mapfile -t alive < <(running "${alive[@]}")
-    ((${#alive[@]})) || return 0
-    sleep 0.1
-  done
+  still_running_after 50 0.1 "${alive[@]}" > /dev/null
 }
 
 wait_http() {  # URL TIMEOUT_S EXPECTED_TEXT [TOKEN_FILE]: until it answers 200 with EXPECTED_TEXT in the body;

@@ -7,7 +7,8 @@ from the photos scikit-learn ships) and produce 224 px RandomResizedCrop + horiz
       and the next one's start on a worker, and a second task per core fills that gap); (a, Ray Data capped
       at --cores CPUs) shows the same without oversubscription;
   (b) webdataset: WebDataset(...).decode("pil") + torchvision v2 RandomResizedCrop/RandomHorizontalFlip/
-      PILToTensor, in a torch DataLoader with num_workers = --cores;
+      PILToTensor, in a torch DataLoader with num_workers = --cores (spawned once, persistent: a forked child
+      would share this Ray driver's sockets to the raylet and the GCS);
   (c) bare: one process decoding and cropping the same bytes with our per-image transform (no pipeline),
       times --cores: the practical limit of (a) on these cores;
   (c-pil) the same bare loop with (b)'s Pillow decode and torchvision crop, times --cores, for context.
@@ -118,7 +119,11 @@ def webdataset_loader(shards: list[str], cores: int, img_size: int, batch_size: 
     augment = v2.Compose([v2.RandomResizedCrop(img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()])
     dataset = (wds.WebDataset(shards, shardshuffle=False, empty_check=False)
                .decode("pil").to_tuple("jpg", "cls").map_tuple(augment, int))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cores)
+    # Ray's docs list forking a driver as an anti-pattern: the child shares the driver's sockets to the raylet and
+    # the GCS, unsynchronised. Spawned workers share nothing; persistent ones pay the spawn's imports once, in the
+    # untimed warm-up epoch.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=cores,
+                                         multiprocessing_context="spawn", persistent_workers=True)
     return lambda: _iterate(loader)
 
 

@@ -1,4 +1,5 @@
 import argparse
+import os
 
 import pytest
 
@@ -24,3 +25,14 @@ def test_data_benchmark_times_all_five_contenders_on_the_same_images(ray_local, 
     # 24 ImageNet-like JPEGs of 500x375 or 375x500 in 3 shards, with the manifest beside them
     shards = sorted((tmp_path / "shards").glob("bench-*.tar"))
     assert len(shards) == 3 and (tmp_path / "shards" / "bench.manifest.json").exists()
+
+    # (b)'s DataLoader workers are spawned, not forked from this Ray driver: after forks, new actors here hung
+    # and the raylet crashed on a malformed lease request
+    ray = ray_local
+    probe = ray.remote(num_cpus=0)(Probe).remote()
+    assert ray.get(probe.pid.remote(), timeout=60) not in (0, os.getpid())
+
+
+class Probe:
+    def pid(self) -> int:
+        return os.getpid()

@@ -7,8 +7,7 @@ from the photos scikit-learn ships) and produce 224 px RandomResizedCrop + horiz
       and the next one's start on a worker, and a second task per core fills that gap); (a, Ray Data capped
       at --cores CPUs) shows the same without oversubscription;
   (b) webdataset: WebDataset(...).decode("pil") + torchvision v2 RandomResizedCrop/RandomHorizontalFlip/
-      PILToTensor, in a torch DataLoader with num_workers = --cores (spawned once, persistent: a forked child
-      would share this Ray driver's sockets to the raylet and the GCS);
+      PILToTensor, in a torch DataLoader with num_workers = --cores (spawned once and persistent);
   (c) bare: one process decoding and cropping the same bytes with our per-image transform (no pipeline),
       times --cores: the practical limit of (a) on these cores;
   (c-pil) the same bare loop with (b)'s Pillow decode and torchvision crop, times --cores, for context.

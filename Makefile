@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The tests make shards with the real img2dataset, whose pins (webdataset<0.3) clash with ours: its own venv.
+IMG2DATASET_VENV := .venv-img2dataset
+IMG2DATASET_STAMP := $(IMG2DATASET_VENV)/.installed
 
 .PHONY: install demo test lint clean
 
@@ -14,17 +17,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+$(IMG2DATASET_STAMP):
+	test -x $(IMG2DATASET_VENV)/bin/python || $(PYTHON) -m venv $(IMG2DATASET_VENV)
+	$(IMG2DATASET_VENV)/bin/python -m pip install -q 'img2dataset==1.47.0'
+	touch $(IMG2DATASET_STAMP)
+
 # pretrain on the embedded digits, fine-tune that run at twice the resolution, compare the two in MLflow
 demo: $(STAMP)
 	$(BIN)/python jobs/pretrain.py
 	$(BIN)/python jobs/finetune.py
 	$(BIN)/python jobs/compare.py --last 2 --out runs/demo-compare.png
+	@echo "enter the environment for the README's other commands: source $(BIN)/activate"
 
-test: $(STAMP)
+test: $(STAMP) $(IMG2DATASET_STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(IMG2DATASET_VENV) build *.egg-info .pytest_cache

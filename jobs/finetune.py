@@ -8,20 +8,23 @@ its pretrain run in MLflow.
     ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/vit_b16_ft384.yaml \\
         init_from=runs:/<mlflow run id>
 
-init_from= takes a checkpoint folder, a model.safetensors, runs:/<run id>, or a timm state_dict file.
+init_from= takes a checkpoint folder, a model.safetensors, runs:/<run id>, or a timm state_dict file, local or
+on any storage URI (s3://…). The resolution is model.img_size when set, otherwise twice the pretrain's.
 """
 
 import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
+from pipeline.train.context import JobFailed
 from pipeline.train.launch import (
+    end_job,
     parse_job_args,
     prepare_init,
     prepare_job,
+    resolve_init,
     run_finetune,
     start_ray,
-    with_latest_pretrain,
 )
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_finetune.yaml"
@@ -32,16 +35,20 @@ def main(argv=None) -> int:
                           sections="model/data/optim/train/tracking/finetune",
                           overrides_help="section.key=value overrides, and init_from=...")
     try:
-        job = load_job_config(args.config or DEMO_CONFIG, args.overrides)
-        if not job.init_from:
-            job = with_latest_pretrain(job)
+        job, source = resolve_init(load_job_config(args.config or DEMO_CONFIG, args.overrides))
         job, inputs = prepare_job(job)
-        init = prepare_init(job, inputs)
+        init = prepare_init(job, inputs, source)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(job.to_yaml(), end="")
+        return 0
     start_ray(args.local_cpus)
-    result = run_finetune(job, inputs, init)
+    try:
+        result = run_finetune(job, inputs, init)
+    except JobFailed as err:
+        return end_job(err)
     print(f"\nMLflow run:      {result.run_id}  (experiment {job.tracking.experiment!r}), from "
           f"{init.parent_run_id or job.init_from}")
     print(f"resolution:      {init.source_img_size} -> {job.data.img_size} px"

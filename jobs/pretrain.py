@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
-from pipeline.train.launch import parse_job_args, prepare_job, run_job, start_ray
+from pipeline.train.context import JobFailed
+from pipeline.train.launch import end_job, parse_job_args, prepare_job, run_job, start_ray
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_pretrain.yaml"
 
@@ -33,8 +34,14 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(job.to_yaml(), end="")
+        return 0
     start_ray(args.local_cpus)
-    result = run_job(job, inputs, job_name="pretrain")
+    try:
+        result = run_job(job, inputs, job_name="pretrain")
+    except JobFailed as err:
+        return end_job(err)
     print(f"\nMLflow run:      {result.run_id}  (experiment {job.tracking.experiment!r})")
     print(f"final val top-1: {result.metrics.get('last_val/top1', float('nan')):.4f} after "
           f"{result.metrics.get('step')} steps in {result.wall_time_s / 60:.1f} min")

@@ -111,10 +111,15 @@ class BadSamplePolicy:
         return report
 
     def check(self, report: BadSampleReport) -> None:
-        if report.exceeds(self.max_bad_fraction, self.min_samples):
-            raise TooManyBadSamples(
-                f"too many bad samples: {report.describe()} This is over data.max_bad_fraction="
-                f"{self.max_bad_fraction} (checked after data.min_samples_for_bad_check={self.min_samples}).")
+        check_bad_fraction(report, self.max_bad_fraction, self.min_samples)
+
+
+def check_bad_fraction(report: BadSampleReport, max_bad_fraction: float, min_samples: int) -> None:
+    """Raise TooManyBadSamples, with the counts and examples, when `report` is over the limit."""
+    if report.exceeds(max_bad_fraction, min_samples):
+        raise TooManyBadSamples(
+            f"too many bad samples: {report.describe()} This is over data.max_bad_fraction="
+            f"{max_bad_fraction} (checked after data.min_samples_for_bad_check={min_samples}).")
 
 
 def build_ledger(max_bad_fraction: float, min_samples: int, name: str | None = None) -> BadSamplePolicy:

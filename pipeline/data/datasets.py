@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
 import ray
 
+from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.data.bad_samples import BadSamplePolicy, BadSampleReport, build_ledger, read_ledger
 from pipeline.data.manifest import find_manifest, steps_per_epoch
-from pipeline.data.tar_reader import expand_shards, read_shards
+from pipeline.data.shard_specs import expand_shards
+from pipeline.data.tar_reader import read_shards
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ start_epochs_at_full_width()
 @dataclass
 class ImageDataset:
     dataset: ray.data.Dataset  # columns: image uint8 (3, S, S), label int64
-    shard_paths: list[str]
+    shard_paths: list[str]  # locations: URIs with their scheme, or absolute local paths
     num_samples: int | None  # samples in the shards per the manifest; None without a manifest
     classes: list[str]
     num_classes: int
@@ -81,30 +82,33 @@ def decode_batch(batch: dict, **kwargs) -> dict:
 
 
 def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, first_epoch: int = 0,
-                        filesystem: pafs.FileSystem | None = None, shuffle_files: bool | None = None,
-                        num_classes: int | None = None, policy: BadSamplePolicy | None = None) -> ImageDataset:
+                        shuffle_files: bool | None = None, num_classes: int | None = None,
+                        policy: BadSamplePolicy | None = None) -> ImageDataset:
     """Train datasets shuffle shard files per epoch (seed cfg.shuffle_seed + epoch) and augment; eval
     datasets read the shards in listing order with the deterministic centre crop.
 
     `shuffle_files=False` reads a train dataset's shards in the given order (the trainer plans each epoch's
     order itself); `num_classes` and `policy` replace the manifest's class count and a new ledger. Rows carry
-    `shard`, the index of their shard in `shard_paths`.
+    `shard`, the index of their shard in `shard_paths`. The filesystem is resolved here, from the locations,
+    in whichever process builds the dataset.
     """
     cfg.validate()
-    paths, fs = expand_shards(spec, filesystem)
-    manifest = find_manifest(fs, paths)
-    num_samples = manifest.samples_in(paths) if manifest is not None else None
+    uris = expand_shards(spec)
+    fs, paths = storage.resolve_many(uris)
+    manifest = find_manifest(uris)
+    num_samples = manifest.samples_in(uris) if manifest is not None else None
     classes = manifest.classes if manifest is not None else []
     num_classes = num_classes or cfg.num_classes or len(classes)
     if manifest is None:
         log.warning("no manifest beside %s: epoch size unknown, labels only checked to be >= 0 unless "
-                    "data.num_classes is set", paths[0])
+                    "data.num_classes is set", uris[0])
     policy = policy or build_ledger(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
     shuffle = train if shuffle_files is None else shuffle_files
     # Ray fuses the read and the decode into one task per shard only if the read's blocks are not split
     # further (one read task per shard) and the decode takes whole blocks (batch_size=None; the reader's
     # blocks already hold decode_batch_size rows). Fused, raw bytes never enter the object store, and no CPU
     # is held by a separate reader operator: on 2 CPUs, 279 -> 480 images/s (docs/benchmarks.md).
+    # Read tasks see pyarrow paths (rows' __url__), so the shard index is keyed by those.
     raw = read_shards(paths, fs, seed=cfg.shuffle_seed if shuffle else None, first_epoch=first_epoch,
                       rows_per_block=cfg.decode_batch_size, override_num_blocks=len(paths),
                       # equal resource requests and concurrency caps are conditions of fusion too
@@ -122,7 +126,7 @@ def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, 
     )
     log.info("%s data: %d shards, %s samples, %d classes", "train" if train else "eval", len(paths),
              num_samples if num_samples is not None else "unknown", num_classes)
-    return ImageDataset(dataset=dataset, shard_paths=paths, num_samples=num_samples, classes=classes,
+    return ImageDataset(dataset=dataset, shard_paths=uris, num_samples=num_samples, classes=classes,
                         num_classes=num_classes, policy=policy)
 
 

@@ -1,18 +1,24 @@
 """The per-split manifest: which shards a split has, how many samples each holds, and the class names.
 
-`{split}.manifest.json` sits beside `{split}-000000.tar …`. The shard writer writes it last and atomically
-(temporary name, then rename), so a folder with shards but no manifest is a dataset still being written,
-never a whole one. Readers use it to size an epoch: `steps_per_epoch` comes from the sample counts here,
-not from the stream, so every Train worker knows the step count before the first batch.
+`{split}.manifest.json` sits beside `{split}-000000.tar …`, or beside img2dataset's `00000.tar …`, whose names
+carry no split (the indexer names the split). The shard writer writes it last and atomically (temporary name,
+then rename), so a folder with shards but no manifest is a dataset still being written, never a whole one.
+Readers use it to size an epoch: `steps_per_epoch` comes from the sample counts here, not from the stream, so
+every Train worker knows the step count before the first batch. It also records which members a sample has
+(`.cls`, `.json` and the `.json`'s keys), so that a job whose labels are not where it looks is stopped
+before it starts.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.fs as pafs
+
+from pipeline import storage
 
 MANIFEST_FORMAT = "vit-pipeline-shards/1"
 
@@ -33,6 +39,8 @@ class Manifest:
     created_at: str = ""  # ISO 8601, UTC
     skipped: int = 0  # source files that could not be read and were left out
     image_stats: dict = field(default_factory=dict)  # mean/max width and height of the stored images
+    sample_members: list[str] = field(default_factory=list)  # member suffixes of the first sample, e.g. jpg, json
+    json_keys: list[str] = field(default_factory=list)  # keys of the first sample's .json member
     format: str = MANIFEST_FORMAT
 
     @property
@@ -55,26 +63,48 @@ class Manifest:
         if body.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"not a shard manifest of format {MANIFEST_FORMAT!r}: format={body.get('format')!r}")
         shards = [ShardInfo(**s) for s in body["shards"]]
-        keep = {"split", "classes", "writer", "created_at", "skipped", "image_stats", "format"}
+        keep = {"split", "classes", "writer", "created_at", "skipped", "image_stats", "sample_members", "json_keys",
+                "format"}
         return cls(shards=shards, **{k: v for k, v in body.items() if k in keep})
 
     def samples_in(self, shard_paths: list[str]) -> int:
         """Samples held by the given shards, which must all be listed in this manifest."""
         counts = {s.name: s.num_samples for s in self.shards}
-        missing = [p for p in shard_paths if posixpath.basename(p) not in counts]
+        missing = [p for p in shard_paths if storage.basename(p) not in counts]
         if missing:
             raise ValueError(f"{len(missing)} shard(s) are not in the {self.split!r} manifest, e.g. {missing[0]}; "
                              "rewrite the manifest with `jobs/make_shards.py --source shards:PATTERN`")
-        return sum(counts[posixpath.basename(p)] for p in shard_paths)
+        return sum(counts[storage.basename(p)] for p in shard_paths)
+
+
+    def label_problem(self, label_key: str) -> str | None:
+        """Why the samples hold no label where `label_key` looks (empty: `.cls`), or None when they do or the
+        manifest does not say (written before it recorded sample members)."""
+        if not self.sample_members:
+            return None
+        if not label_key and "cls" not in self.sample_members:
+            keys = f" (its keys: {', '.join(self.json_keys)})" if self.json_keys else ""
+            return (f"the samples have no .cls member (members: {', '.join(self.sample_members)}); set "
+                    f"data.label_key to the key of their .json that holds the label{keys}")
+        if label_key and self.json_keys and label_key not in self.json_keys:
+            return (f"data.label_key {label_key!r} is not a key of the samples' .json; its keys are "
+                    f"{', '.join(self.json_keys)}")
+        return None
 
 
 def manifest_name(split: str) -> str:
     return f"{split}.manifest.json"
 
 
-def split_of(shard_path: str) -> str:
-    """`…/train-000012.tar` -> `train`: the split is the file name up to the last dash."""
+UNNAMED_SPLIT = re.compile(r"\d+")  # img2dataset's 00000.tar: a shard number, no split in the name
+
+
+def split_of(shard_path: str) -> str | None:
+    """`…/train-000012.tar` -> `train`: the file name up to the last dash; None for a bare number (`00012.tar`,
+    as img2dataset names its shards), whose split the indexer is told."""
     stem = posixpath.basename(shard_path).rsplit(".", 1)[0]
+    if UNNAMED_SPLIT.fullmatch(stem):
+        return None
     return stem.rsplit("-", 1)[0] if "-" in stem else stem
 
 
@@ -94,15 +124,25 @@ def read_manifest(fs: pafs.FileSystem, path: str) -> Manifest:
         return Manifest.from_json(f.read().decode())
 
 
-def find_manifest(fs: pafs.FileSystem, shard_paths: list[str]) -> Manifest | None:
-    """The manifest beside the first shard, or None when there is none (e.g. img2dataset output)."""
-    if not shard_paths:
+def find_manifest(shard_uris: list[str]) -> Manifest | None:
+    """The manifest beside the first shard, or None when there is none. It is `{split}.manifest.json` for
+    `{split}-NNNNNN.tar` shards; for shards without a split in their names, the manifest of that folder
+    that lists the shard."""
+    if not shard_uris:
         return None
-    first = shard_paths[0]
-    path = posixpath.join(posixpath.dirname(first), manifest_name(split_of(first)))
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    return read_manifest(fs, path)
+    fs, first = storage.resolve(shard_uris[0])
+    folder, name = posixpath.split(first)
+    split = split_of(first)
+    if split is not None:
+        path = posixpath.join(folder, manifest_name(split))
+        return read_manifest(fs, path) if fs.get_file_info(path).type == pafs.FileType.File else None
+    candidates = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(folder))
+                        if info.type == pafs.FileType.File and info.path.endswith(".manifest.json"))
+    for path in candidates:
+        manifest = read_manifest(fs, path)
+        if any(shard.name == name for shard in manifest.shards):
+            return manifest
+    return None
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:

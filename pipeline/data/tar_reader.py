@@ -14,13 +14,12 @@ Rows have one fixed schema whatever the members are (see `ROW_SCHEMA`), so that 
 
 from __future__ import annotations
 
-import fnmatch
+import json
 import posixpath
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import braceexpand
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -63,40 +62,6 @@ def shard_order(paths: list[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
-def expand_shards(spec: str | list[str], filesystem: pafs.FileSystem | None = None
-                  ) -> tuple[list[str], pafs.FileSystem]:
-    """Paths, globs, brace patterns, folders or URIs -> (sorted-per-pattern list of tar paths, filesystem)."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    specs = [s for pattern in specs for s in braceexpand.braceexpand(pattern)]
-    if not specs:
-        raise ValueError("no shards given")
-    paths: list[str] = []
-    for s in specs:
-        fs, path = _resolve(s, filesystem)
-        filesystem = filesystem or fs
-        if any(ch in path for ch in "*?["):
-            folder, pattern = posixpath.split(path)
-            found = sorted(i.path for i in filesystem.get_file_info(pafs.FileSelector(folder))
-                           if i.type == pafs.FileType.File and fnmatch.fnmatch(posixpath.basename(i.path), pattern))
-            if not found:
-                raise ValueError(f"no files match {s!r}")
-            paths.extend(found)
-        elif filesystem.get_file_info(path).type == pafs.FileType.Directory:
-            paths.extend(sorted(i.path for i in filesystem.get_file_info(pafs.FileSelector(path))
-                                if i.type == pafs.FileType.File and i.path.endswith(".tar")))
-        else:
-            paths.append(path)
-    return paths, filesystem
-
-
-def _resolve(spec: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    if filesystem is not None:
-        return filesystem, spec.split("://", 1)[-1] if "://" in spec else spec
-    if "://" in spec:
-        return pafs.FileSystem.from_uri(spec)
-    return pafs.LocalFileSystem(), posixpath.abspath(spec)
-
-
 def split_member_name(name: str) -> tuple[str | None, str]:
     """`dir/000012.seg.png` -> (`dir/000012`, `seg.png`), as webdataset groups members into samples."""
     folder, base = posixpath.split(name)
@@ -120,9 +85,63 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
     Unlike `tarfile`, a stream that stops at a member boundary is an error, not a clean end: only the
     end-of-archive block says a tar is complete, and a tar truncated between two members looks like that.
     """
+    return _iter_members(_StreamReader(fileobj))
+
+
+def iter_tar_names(file) -> Iterator[str]:
+    """The names of a tar's regular files, from its headers alone: member data are skipped, not read. `file` is
+    a random-access pyarrow file; on object storage this costs one ranged read per `SCAN_BLOCK` bytes of
+    small members, and one per header where members are larger. Raises tarfile.ReadError where the tar breaks."""
+    return (name for name, _ in _iter_members(_ScanningReader(file)))
+
+
+SCAN_BLOCK = 1 << 22  # bytes fetched per ranged read when scanning headers
+
+
+class _StreamReader:
+    """Reads a stream front to back; `member` returns a member's data."""
+
+    def __init__(self, fileobj):
+        self.fileobj = fileobj
+
+    def read(self, size: int) -> bytes:
+        return self.fileobj.read(size)
+
+    def member(self, size: int) -> bytes:
+        return self.fileobj.read(size)
+
+
+class _ScanningReader:
+    """Reads through a cache of `SCAN_BLOCK` bytes and skips member data without fetching it."""
+
+    def __init__(self, file):
+        self.file = file
+        self.size = file.size()
+        self.offset = 0
+        self.block_start = 0
+        self.block = b""
+
+    def read(self, size: int) -> bytes:
+        end = self.offset + size
+        if self.offset < self.block_start or end > self.block_start + len(self.block):
+            self.block_start = self.offset
+            self.block = self.file.read_at(max(size, SCAN_BLOCK), self.offset) if self.offset < self.size else b""
+        data = self.block[self.offset - self.block_start: end - self.block_start]
+        self.offset += len(data)
+        return data
+
+    def member(self, size: int) -> None:
+        """Skips a member's data."""
+        if self.offset + size > self.size:
+            raise tarfile.ReadError("unexpected end of data")
+        self.offset += size
+
+
+def _iter_members(reader) -> Iterator[tuple[str, bytes | None]]:
+    """(name, data) of each regular file; data is None where the reader skips it."""
     long_name: str | None = None
     while True:
-        header = fileobj.read(TAR_BLOCK)
+        header = reader.read(TAR_BLOCK)
         if len(header) < TAR_BLOCK:
             raise tarfile.ReadError("unexpected end of data" if header else
                                     "archive ends without its end-of-archive block")
@@ -132,13 +151,15 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError("gzip data: shards must be uncompressed tars" if header[:2] == b"\x1f\x8b"
                                     else "not a tar header (bad checksum)")
         size = tarfile.nti(header[124:136])
-        data = fileobj.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data")
         padding = -size % TAR_BLOCK
-        if padding and len(fileobj.read(padding)) < padding:
-            raise tarfile.ReadError("unexpected end of data")
         kind = header[156:157]
+        data = reader.read(size) if kind in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE) else reader.member(size)
+        if data is not None and len(data) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        if padding:
+            pad = reader.member(padding)
+            if pad is not None and len(pad) < padding:
+                raise tarfile.ReadError("unexpected end of data")
         if kind == tarfile.GNUTYPE_LONGNAME:
             long_name = _text(data)
         elif kind == tarfile.XHDTYPE:
@@ -232,9 +253,53 @@ def rows_to_block(rows: list[dict]) -> pa.Table:
 
 
 def count_samples(fs: pafs.FileSystem, path: str) -> int:
-    """Keys in one shard (marker rows of a broken tar not counted)."""
+    """Samples in one shard, from its tar headers (member data are not read), counted as `iter_tar_samples`
+    yields them: every key, and at a break the key being read only if it has its image and label already."""
+    count, key, suffixes = 0, None, set()
+    with fs.open_input_file(path) as f:
+        try:
+            for name in iter_tar_names(f):
+                member_key, suffix = split_member_name(name)
+                if member_key is None:
+                    continue
+                if member_key != key:
+                    count += key is not None
+                    key, suffixes = member_key, set()
+                suffixes.add(suffix.lower())
+        except tarfile.TarError:
+            has_label = "cls" in suffixes or "json" in suffixes
+            return count + (key is not None and has_label and bool(suffixes & set(IMAGE_SUFFIXES)))
+    return count + (key is not None)
+
+
+@dataclass
+class SampleMembers:
+    suffixes: list[str]  # member suffixes of a shard's first sample, sorted: e.g. ["jpg", "json", "txt"]
+    json_keys: list[str]  # keys of its .json member, when that is a JSON object
+
+
+def first_sample_members(fs: pafs.FileSystem, path: str) -> SampleMembers:
+    """What a shard's first sample holds, read from the start of the shard only."""
+    members: dict[str, bytes] = {}
+    first_key = None
     with fs.open_input_stream(path) as f:
-        return sum(1 for row in iter_tar_samples(f, path) if row["read_error"] is None)
+        try:
+            for name, data in iter_tar_members(f):
+                key, suffix = split_member_name(name)
+                if key is None:
+                    continue
+                if first_key is None:
+                    first_key = key
+                elif key != first_key:
+                    break
+                members[suffix.lower()] = data
+        except tarfile.TarError:
+            pass  # what came before the break still tells
+    try:
+        body = json.loads(members["json"]) if "json" in members else None
+    except ValueError:
+        body = None
+    return SampleMembers(suffixes=sorted(members), json_keys=sorted(body) if isinstance(body, dict) else [])
 
 
 class WebDatasetShards(FileBasedDatasource):

@@ -3,11 +3,12 @@ are listed by `pipeline.tracking.runs.child_run_ids`."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
+
+from pipeline import storage
 
 RUN_PREFIX = "runs:/"
 
@@ -16,16 +17,23 @@ class LineageError(ValueError):
     """A run that cannot serve as requested (unknown, not a pretrain, no checkpoint); one line."""
 
 
+CHECKPOINT_TAG = "pipeline.checkpoint"  # where a run's final checkpoint is: a local path or a storage URI
+WEIGHTS_FILES = ("model.safetensors", "model_ema.safetensors", "config.json")  # what a fine-tune needs of it
+
+
 @dataclass
 class PretrainRun:
     run_id: str
     run_name: str
     checkpoint_dir: str  # a local folder holding model.safetensors and config.json
     img_size: int
+    downloaded: bool = False  # checkpoint_dir is a temporary copy (of remote storage or artifacts), the caller's
 
 
 def pretrain_run(uri: str, run_id: str) -> PretrainRun:
-    """The finished pretrain run `run_id` and a local folder with its final consolidated weights."""
+    """The finished pretrain run `run_id` and a local folder with its final consolidated weights: its
+    checkpoint folder (`pipeline.checkpoint`), with the weights copied from remote storage when it is a storage
+    URI, or else the weights it logged to MLflow."""
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(uri)
@@ -39,11 +47,19 @@ def pretrain_run(uri: str, run_id: str) -> PretrainRun:
                            "a run of jobs/pretrain.py")
     if run.info.status != "FINISHED":
         raise LineageError(f"pretrain run {run_id} is {run.info.status}, not FINISHED: it has no final checkpoint")
-    checkpoint = run.data.tags.get("pipeline.checkpoint", "")
-    if not (checkpoint and os.path.exists(os.path.join(checkpoint, "model.safetensors"))):
-        checkpoint = _download_weights(client, run_id)
-    return PretrainRun(run_id=run_id, run_name=run.info.run_name, checkpoint_dir=checkpoint,
-                       img_size=int(run.data.params.get("data.img_size", 0)))
+    checkpoint = run.data.tags.get(CHECKPOINT_TAG, "")
+    try:
+        reachable = bool(checkpoint) and storage.exists(storage.join(checkpoint, WEIGHTS_FILES[0]))
+    except OSError as err:  # a store that refuses us: credentials, endpoint, network
+        raise LineageError(f"pretrain run {run_id}: cannot read its checkpoint {checkpoint}: {err}") from err
+    if not reachable:
+        local = _download_weights(client, run_id)
+    elif storage.is_remote(checkpoint):
+        local = storage.download(checkpoint, WEIGHTS_FILES, prefix=f"init-{run_id[:8]}-")
+    else:
+        local = checkpoint
+    return PretrainRun(run_id=run_id, run_name=run.info.run_name, checkpoint_dir=local,
+                       img_size=int(run.data.params.get("data.img_size", 0)), downloaded=local != checkpoint)
 
 
 def _download_weights(client, run_id: str) -> str:

@@ -12,14 +12,18 @@ Every rank writes into its own local directory and reports it; Ray Train merges 
 checkpoint in storage. Nothing is unpickled without `weights_only=True`, DeepSpeed's own files included.
 """
 
+import contextlib
 import json
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from pipeline import storage
 
 DEEPSPEED_TAG = "deepspeed"
 WEIGHTS_FILE = "model.safetensors"
@@ -68,13 +72,25 @@ def save_checkpoint(engine, directory: str | Path, *, rank: int, state: LoopStat
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
 
 
+def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a safetensors file, local or at any storage URI, from its header alone (the first few
+    KiB: an 8-byte length, then JSON)."""
+    fs, fs_path = storage.resolve(path)
+    with fs.open_input_file(fs_path) as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= min(f.size() - 8, 100 << 20):
+            raise ValueError(f"{path} is not a safetensors file")
+        header = json.loads(f.read(length))
+    return {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+
+
 def check_compatible(directory: str | Path, model: nn.Module) -> None:
-    """Raise CheckpointMismatch naming every key whose presence or shape differs from `model`'s."""
-    path = Path(directory) / WEIGHTS_FILE
-    if not path.exists():
+    """Raise CheckpointMismatch naming every key whose presence or shape differs from `model`'s. `directory`
+    may be local or a storage URI."""
+    path = storage.join(str(directory), WEIGHTS_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{directory} is not a checkpoint of this pipeline: {WEIGHTS_FILE} is missing")
-    with safe_open(str(path), framework="pt") as weights:
-        saved = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
+    saved = weight_shapes(path)
     # under ZeRO-3 a rank holds a partition of each parameter; ds_shape is the whole parameter's shape
     expected = {key: tuple(getattr(value, "ds_shape", value.shape))
                 for key, value in model.state_dict(keep_vars=True).items()}
@@ -97,6 +113,20 @@ def load_checkpoint(engine, directory: str | Path) -> LoopState:
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint to resume from in {directory}")
     return LoopState(**client_state["loop_state"])
+
+
+@contextlib.contextmanager
+def local_checkpoint(location: str) -> Iterator[str]:
+    """A checkpoint folder on this machine: `location` itself, or a temporary copy of a remote one (storage
+    URI), deleted afterwards."""
+    if not storage.is_remote(location):
+        yield location
+        return
+    local = storage.download(location, prefix="checkpoint-")
+    try:
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

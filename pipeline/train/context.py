@@ -11,6 +11,35 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+class JobFailed(RuntimeError):
+    """A failure that no restart can cure (bad data over the limit, a config error, a missing file or
+    checkpoint). A worker raises it with a one-line message; the driver ends the job with that line instead of
+    spending `train.max_failures` on restarts that would fail the same way."""
+
+
+def fatal_error(err: BaseException) -> str | None:
+    """The one-line message of an error in `err`'s chain that no restart can cure, or None. Ray wraps errors
+    of tasks and actors (`RayTaskError.cause`), and a wrapper is an instance of its cause's class whose text is
+    a whole traceback, so the message is taken from the innermost error."""
+    from ray.exceptions import RayError
+
+    from pipeline.config import ConfigError
+    from pipeline.data.bad_samples import TooManyBadSamples
+    from pipeline.train.checkpoint import CheckpointMismatch
+
+    fatal = (JobFailed, ConfigError, TooManyBadSamples, FileNotFoundError, CheckpointMismatch)
+    todo, seen = [err], set()
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, fatal) and not isinstance(current, RayError):
+            return " ".join(str(current).split())
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
 class LocalContext:
     """Single-process context: reports are kept in memory, checkpoints are copied under `storage_dir`."""
 

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.data.bad_samples import BadSamplePolicy
 from pipeline.data.datasets import build_image_dataset
 from pipeline.data.manifest import find_manifest, steps_per_epoch
-from pipeline.data.tar_reader import expand_shards, shard_order
+from pipeline.data.shard_specs import expand_shards
+from pipeline.data.tar_reader import shard_order
 from pipeline.data.worker_batches import WorkerBatches
 
 log = logging.getLogger(__name__)
@@ -48,21 +50,22 @@ class EpochPlan:
 
 
 class ShardCatalog:
-    """The training shards and their manifest sample counts."""
+    """The training shards (locations with their scheme) and their manifest sample counts."""
 
     def __init__(self, spec: str | list[str]):
-        paths, fs = expand_shards(spec)
-        manifest = find_manifest(fs, paths)
+        paths = expand_shards(spec)
+        manifest = find_manifest(paths)
         if manifest is None:
             raise FileNotFoundError(f"no manifest beside {paths[0]}: training needs the sample count of every "
                                     "shard; write one with `python jobs/make_shards.py --source shards:PATTERN`")
         counts = {shard.name: shard.num_samples for shard in manifest.shards}
-        missing = [path for path in paths if path.rsplit("/", 1)[-1] not in counts]
+        missing = [path for path in paths if storage.basename(path) not in counts]
         if missing:
             raise ValueError(f"{len(missing)} shards are not in their manifest, e.g. {missing[0]}")
         self.paths = paths
-        self.counts = {path: counts[path.rsplit("/", 1)[-1]] for path in paths}
+        self.counts = {path: counts[storage.basename(path)] for path in paths}
         self.classes = manifest.classes
+        self.manifest = manifest
 
     def plan(self, epoch: int, shards_done: list[str], *, seed: int, world_size: int, batch_size: int
              ) -> EpochPlan:

@@ -2,42 +2,62 @@
 
 `init_from` accepts a checkpoint directory of the pretrain job, a consolidated `model.safetensors`,
 `runs:/<mlflow run id>` (that pretrain run's final checkpoint), or a timm-format state_dict file (safetensors,
-or `.pth`/`.pt`/`.bin` loaded with `weights_only=True`). The fine-tune model may be built at a higher
-resolution than the weights were trained at: the position embeddings are resampled when the weights are
-loaded (bicubic, [class] slot kept). The head is dropped, to be re-initialised, when the class count differs
-or `finetune.reset_head` is set. Every other key must match in name and shape, or the job stops naming them.
+or `.pth`/`.pt`/`.bin` loaded with `weights_only=True`), each local or at a storage URI (`s3://…`). The
+fine-tune model may be built at a higher resolution than the weights were trained at: the position
+embeddings are resampled when the weights are loaded (bicubic, [class] slot kept). The head is dropped, to be
+re-initialised, when the class count differs or `finetune.reset_head` is set. Every other key must match in
+name and shape, or the job stops naming them.
 """
 
 import json
 import math
 import os
+import pickle
+import shutil
 from dataclasses import dataclass, field
 
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file
 
+from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
+RUN_PREFIX = "runs:/"
 HEAD_KEYS = ("head.weight", "head.bias")
 POS_EMBED_KEY = "pos_embed"
+
+
+@dataclass
+class InitSource:
+    """Where a fine-tune's weights come from, resolved on the driver before the model is built."""
+
+    spec: str  # init_from as given
+    state_dict: dict[str, torch.Tensor]
+    parent_run_id: str = ""  # the pretrain run, for runs:/ specs and checkpoints that name theirs
+    img_size: int = 0  # resolution the weights were trained at; 0 when it cannot be told
+    config: dict = field(default_factory=dict)  # config.json of the source checkpoint, when there is one
 
 
 @dataclass
 class InitWeights:
     state_dict: dict[str, torch.Tensor]  # what the model loads; no head keys when the head is re-initialised
     source: str  # the init_from spec as given
-    parent_run_id: str = ""  # the pretrain run, for runs:/ specs and checkpoints that name theirs
-    source_img_size: int = 0  # resolution the weights were trained at, when known
+    parent_run_id: str = ""
+    source_img_size: int = 0
     reset_head: bool = False
-    source_config: dict = field(default_factory=dict)  # config.json of the source checkpoint, when there is one
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A safetensors or torch state_dict file; torch files are unpickled with weights_only=True only."""
     if path.endswith(".safetensors"):
         return load_file(path)
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"init_from: {path} is not a plain tensor file: it holds pickled Python objects, which "
+                          "are not loaded (weights_only=True); save a state_dict of tensors or safetensors") from None
     for key in ("state_dict", "model", "module"):  # common wrappers around a state_dict
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -46,43 +66,68 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def locate(spec: str, tracking_uri: str) -> tuple[str, str, int]:
-    """init_from -> (weights file, parent run id or "", source img_size or 0)."""
-    if spec.startswith("runs:/"):
+def locate_init(spec: str, tracking_uri: str) -> InitSource:
+    """Read the weights `init_from` names, local or on any storage URI, and what is known of their origin."""
+    parent_run_id, img_size = "", 0
+    if spec.startswith(RUN_PREFIX):
         from pipeline.tracking.lineage import LineageError, pretrain_run
 
-        run_id = spec[len("runs:/"):].strip("/").split("/")[0]
         try:
-            run = pretrain_run(tracking_uri, run_id)
+            run = pretrain_run(tracking_uri, spec[len(RUN_PREFIX):].strip("/").split("/")[0])
         except LineageError as err:
             raise ConfigError(f"init_from: {err}") from err
-        return os.path.join(run.checkpoint_dir, WEIGHTS_FILE), run.run_id, run.img_size
-    if os.path.isdir(spec):
-        path = os.path.join(spec, WEIGHTS_FILE)
-        if not os.path.exists(path):
+        path, parent_run_id, img_size = os.path.join(run.checkpoint_dir, WEIGHTS_FILE), run.run_id, run.img_size
+        copy = run.checkpoint_dir if run.downloaded else None
+    else:
+        path, copy = _local_weights_file(spec)
+    try:
+        state = read_state_dict(path)
+        config_path = os.path.join(os.path.dirname(path), CONFIG_FILE)
+        config = json.loads(open(config_path).read()) if os.path.exists(config_path) else {}
+    finally:
+        if copy is not None:  # the weights are in memory now
+            shutil.rmtree(copy, ignore_errors=True)
+    img_size = img_size or int(config.get("model_args", {}).get("img_size", 0)) or _trained_img_size(state)
+    return InitSource(spec=spec, state_dict=state, parent_run_id=parent_run_id or config.get("mlflow_run_id", ""),
+                      img_size=img_size, config=config)
+
+
+def _local_weights_file(spec: str) -> tuple[str, str | None]:
+    """The weights file of a checkpoint folder or weights file on this machine, and the temporary folder it
+    was copied into from remote storage (with the checkpoint's config.json), if it was."""
+    try:
+        kind = storage.file_type(spec)
+    except OSError as err:  # a store that refuses us: credentials, endpoint, network
+        raise ConfigError(f"init_from: cannot read {spec}: {err}") from err
+    if kind == pafs.FileType.Directory:
+        if not storage.exists(storage.join(spec, WEIGHTS_FILE)):
             raise ConfigError(f"init_from: {spec} is a folder without {WEIGHTS_FILE}: not a checkpoint of this "
                               "pipeline")
-        return path, "", 0
-    if not os.path.exists(spec):
+        if not storage.is_remote(spec):
+            return os.path.join(spec, WEIGHTS_FILE), None
+        folder = storage.download(spec, (WEIGHTS_FILE, CONFIG_FILE), prefix="init-")
+        return os.path.join(folder, WEIGHTS_FILE), folder
+    if kind != pafs.FileType.File:
         raise ConfigError(f"init_from: {spec} does not exist (give a checkpoint folder, a weights file or "
                           "runs:/<run id>)")
-    return spec, "", 0
+    if not storage.is_remote(spec):
+        return spec, None
+    folder = storage.download(storage.parent(spec), (storage.basename(spec), CONFIG_FILE), prefix="init-")
+    return os.path.join(folder, storage.basename(spec)), folder
 
 
-def load_init_weights(spec: str, tracking_uri: str, model_state: dict[str, torch.Tensor], *,
-                      reset_head: bool) -> InitWeights:
-    """Resolve `spec`, check the weights fit the model whose (meta) state_dict is `model_state`, decide the head."""
-    path, parent_run_id, source_img_size = locate(spec, tracking_uri)
-    state = read_state_dict(path)
-    config_path = os.path.join(os.path.dirname(path), CONFIG_FILE)
-    source_config = json.loads(open(config_path).read()) if os.path.exists(config_path) else {}
-    if not source_img_size and source_config:
-        source_img_size = int(source_config.get("model_args", {}).get("img_size", 0))
-    if not source_img_size and POS_EMBED_KEY in state:  # a bare state_dict: the grid tells the resolution
-        patch = model_state["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in model_state else 0
-        grid = math.isqrt(state[POS_EMBED_KEY].shape[1])
-        source_img_size = grid * patch if patch else 0
+def _trained_img_size(state: dict[str, torch.Tensor]) -> int:
+    """A plain ViT's resolution from its weights: the position-embedding grid times the patch; 0 otherwise
+    (a hybrid's stem makes the patch count in feature-map pixels)."""
+    if POS_EMBED_KEY not in state or "patch_embed.proj.weight" not in state or any(
+            key.startswith("patch_embed.backbone") for key in state):
+        return 0
+    return math.isqrt(state[POS_EMBED_KEY].shape[1]) * state["patch_embed.proj.weight"].shape[-1]
 
+
+def load_init_weights(source: InitSource, model_state: dict[str, torch.Tensor], *, reset_head: bool) -> InitWeights:
+    """Check the weights fit the model whose (meta) state_dict is `model_state`, and decide the head."""
+    state = source.state_dict
     head_differs = any(key in state and key in model_state and state[key].shape != model_state[key].shape
                        for key in HEAD_KEYS)
     drop_head = reset_head or head_differs
@@ -99,9 +144,9 @@ def load_init_weights(spec: str, tracking_uri: str, model_state: dict[str, torch
     problems += [f"{key}: not in the model" for key in state if key not in model_state and key not in HEAD_KEYS]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise ConfigError(f"init_from: {spec} was trained with a different architecture (depth or width "
+        raise ConfigError(f"init_from: {source.spec} was trained with a different architecture (depth or width "
                           f"mismatch, {len(problems)} keys): {shown}")
     if drop_head:
         state = {key: value for key, value in state.items() if key not in HEAD_KEYS}
-    return InitWeights(state_dict=state, source=spec, parent_run_id=parent_run_id or source_config.get(
-        "mlflow_run_id", ""), source_img_size=source_img_size, reset_head=drop_head, source_config=source_config)
+    return InitWeights(state_dict=state, source=source.spec, parent_run_id=source.parent_run_id,
+                       source_img_size=source.img_size, reset_head=drop_head)

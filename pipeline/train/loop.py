@@ -19,16 +19,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.config import JobConfig, config_from_dict
+from pipeline.config import ConfigError, JobConfig, config_from_dict
 from pipeline.train.checkpoint import (
     EMA_WEIGHTS_FILE,
     LoopState,
     load_checkpoint,
+    local_checkpoint,
     read_weights,
     save_checkpoint,
     use_weights_only_loading,
 )
-from pipeline.train.context import RayTrainContext
+from pipeline.train.context import JobFailed, RayTrainContext, fatal_error
 from pipeline.train.ema import WeightEMA
 from pipeline.train.evaluate import InputPipeline, evaluate
 
@@ -49,9 +50,16 @@ class RunInputs:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: rebuild the typed config on the worker, then run the loop."""
+    """Ray Train entry point: rebuild the typed config on the worker, then run the loop. An error that no
+    restart can cure ends the job as `JobFailed`, with one line (see launch.EndOnJobFailed)."""
     job = config_from_dict(JobConfig, config["job"])
-    run_training(job, RunInputs(**config["inputs"]), RayTrainContext())
+    try:
+        run_training(job, RunInputs(**config["inputs"]), RayTrainContext())
+    except Exception as err:
+        message = fatal_error(err)
+        if message is None:
+            raise
+        raise JobFailed(message) from None
 
 
 def load_init_weights(model, weights, *, reset_head: bool) -> None:
@@ -86,7 +94,7 @@ def resolve_device(job: JobConfig, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if job.train.device == "cuda":
-        raise RuntimeError("train.device=cuda but this worker sees no GPU")
+        raise ConfigError("train.device=cuda but this worker sees no GPU")
     return torch.device("cpu")
 
 
@@ -201,22 +209,21 @@ def due(step: int, every: int, last: int) -> bool:
 def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
     """Train to `job.train.steps` (or `stop_after_steps`), resuming from the context's latest checkpoint or
     `train.resume_from`."""
-    from pipeline.data.bad_samples import build_ledger
+    from pipeline.data.bad_samples import build_ledger, check_bad_fraction, read_ledger
     from pipeline.tracking.metrics import MetricLogger
-    from pipeline.train.data_feed import ShardCatalog, TrainFeed, build_eval_stream
+    from pipeline.train.data_feed import ShardCatalog, TrainFeed, broadcast_from_rank0, build_eval_stream
 
     configure_worker_logging()
     train_cfg, rank, world_size = job.train, ctx.rank, ctx.world_size
     device = resolve_device(job, ctx.local_rank)
     engine, dtype = build_engine(job, inputs, world_size, device)
     state, ema = LoopState(), None
-    with ctx.latest_checkpoint() as checkpoint_dir:
-        source = checkpoint_dir or train_cfg.resume_from
+    with ctx.latest_checkpoint() as checkpoint_dir, local_checkpoint(checkpoint_dir or train_cfg.resume_from) as source:
         if source:
             state = load_checkpoint(engine, source)
             if rank == 0:
-                log.info("resumed from %s at step %d (epoch %d, %d shards of it done)", source, state.step,
-                         state.epoch, len(state.shards_done))
+                log.info("resumed from %s at step %d (epoch %d, %d shards of it done)",
+                         checkpoint_dir or train_cfg.resume_from, state.step, state.epoch, len(state.shards_done))
         if job.finetune.ema_decay:
             ema = WeightEMA(engine.module, job.finetune.ema_decay)
             if source and (Path(source) / EMA_WEIGHTS_FILE).exists():
@@ -229,6 +236,10 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
     if rank == 0:  # the ledgers live as long as rank 0; decode tasks of rank 0's datasets report to them
         train_policy = build_ledger(data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
         val_policy = build_ledger(data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
+    # every rank learns the ledgers' names: a dataset that fails over its bad-sample limit fails on all ranks,
+    # and each must tell that failure from one that a restart could cure
+    ledger_names = broadcast_from_rank0([train_policy.ledger_name, val_policy.ledger_name] if rank == 0 else None,
+                                        rank, world_size)
     per_rank_batch = train_cfg.global_batch_size // world_size
     feed = TrainFeed(ShardCatalog(data_cfg.train), data_cfg, rank=rank, world_size=world_size,
                      batch_size=per_rank_batch, num_classes=num_classes, policy=train_policy, device=device)
@@ -288,6 +299,12 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
                     ctx.report({"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
                                 **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
                                 **{f"last_{k}": v for k, v in last_val.items()}}, directory)
+    except Exception:
+        # Ray Data hands the trainer a wrapper of a decode task's error without its cause; the ledgers say
+        # whether it was the bad-sample limit
+        for name in ledger_names:
+            check_bad_fraction(read_ledger(name), data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
+        raise
     finally:
         if metric_logger is not None:
             metric_logger.close()

@@ -46,9 +46,11 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without its Ray address and auth settings, plus `extra`."""
+    """This process's environment without its Ray address and auth settings and without the session's S3
+    settings (a job gets those only the way users give them, through its runtime env), plus `extra`."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_")) and k != "MLFLOW_TRACKING_URI"}
+           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_", "AWS_"))
+           and k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

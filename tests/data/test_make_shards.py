@@ -28,15 +28,28 @@ def test_make_shards_digits_then_index(tmp_path, capsys):
     assert [s["num_samples"] for s in train["shards"]] == [500, 500, 438]
     assert json.loads((out / "val.manifest.json").read_text())["num_samples"] == 359
     os.remove(out / "val.manifest.json")
-    assert job.main(["--source", f"shards:{out}/val-*.tar", "--classes", ",".join("0123456789")]) == 0
+    assert job.main(["--source", f"shards:{out}/val-*.tar", "--classes", ",".join("0123456789"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"val: 359 samples in 1 shards (1 from their tar headers) -> {out}/val.manifest.json" in printed
+    assert "labels: .cls members" in printed and "classes:" not in printed
     indexed = json.loads((out / "val.manifest.json").read_text())
     assert indexed["num_samples"] == 359 and indexed["classes"] == list("0123456789")
+    assert indexed["sample_members"] == ["cls", "jpg", "json"]
+
+
+def test_make_shards_errors_are_one_line(tmp_path, capsys):
+    job = load_job()
+    assert job.main(["--source", f"shards:{tmp_path}/{{00000..00002}}.tar", "--no-progress"]) == 2
+    missing = ", ".join(f"{tmp_path}/{i:05d}.tar" for i in range(3))
+    assert capsys.readouterr().err == f"error: 3 of 3 shards do not exist: {missing}\n"
+    assert job.main(["--source", f"imagefolder:{tmp_path}/nothing"]) == 2
+    assert capsys.readouterr().err.startswith("error: imagefolder root")
 
 
 def test_every_flag_has_help():
     parser = load_job().build_parser()
     flags = [a for a in parser._actions if a.dest != "help"]
-    assert len(flags) == 10 and all(a.help for a in flags)
+    assert len(flags) == 12 and all(a.help for a in flags)
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

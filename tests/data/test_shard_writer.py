@@ -12,12 +12,14 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
+from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.data.datasets import build_image_dataset
 from pipeline.data.manifest import Manifest, find_manifest, steps_per_epoch
+from pipeline.data.shard_specs import expand_shards
 from pipeline.data.shard_writer import index_shards, write_source, write_split
 from pipeline.data.sources import digits_source, imagefolder_source, read_image_file
-from pipeline.data.tar_reader import expand_shards, iter_tar_samples, read_shards
+from pipeline.data.tar_reader import iter_tar_samples, read_shards
 
 
 def tar_rows(path: str) -> list[dict]:
@@ -65,8 +67,8 @@ def test_manifest_is_complete_and_alone(digits_dir):
     assert body["classes"] == [str(c) for c in range(10)] and "webdataset 1.0.2" in body["writer"]
     assert body["num_bytes"] == sum(os.path.getsize(out / s["name"]) for s in body["shards"])
     assert body["image_stats"] == {"mean_width": 32.0, "mean_height": 32.0, "max_width": 32, "max_height": 32}
-    paths, fs = expand_shards(str(out / "train-{000000..000003}.tar"))
-    manifest = find_manifest(fs, paths)
+    paths = expand_shards(str(out / "train-{000000..000003}.tar"))
+    manifest = find_manifest(paths)
     assert manifest.samples_in(paths[:2]) == 800
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert steps_per_epoch(manifest.num_samples, world_size=2, batch_size=64) == 11
@@ -74,8 +76,7 @@ def test_manifest_is_complete_and_alone(digits_dir):
 
 def test_digits_read_back_through_ray_yields_every_key_once(ray_local, digits_dir):
     out, manifests = digits_dir
-    paths, fs = expand_shards(str(out / "train-*.tar"))
-    raw = read_shards(paths, fs, seed=None)
+    raw = read_shards(expand_shards(str(out / "train-*.tar")), pafs.LocalFileSystem(), seed=None)
     rows = raw.select_columns(["__url__", "__key__"]).take_all()
     keys = Counter((os.path.basename(r["__url__"]), r["__key__"]) for r in rows)
     assert len(keys) == 1438 and set(keys.values()) == {1}
@@ -150,14 +151,54 @@ def test_max_size_cuts_shards_and_remote_outputs_are_uploaded(tmp_path):
     assert all(s.num_bytes <= 50_000 + 3 * 1024 * s.num_samples + 10_240 for s in manifest.shards)
 
 
-def test_index_shards_writes_a_manifest_for_img2dataset_output(tars, tmp_path):
-    records = [{"__key__": f"{i:09d}", "jpg": tars.image_bytes(20, 20, seed=i), "txt": "a caption",
-                "json": {"key": f"{i:09d}", "label": i % 2}} for i in range(7)]
+def img2dataset_records(tars, n: int) -> list[dict]:
+    """Samples as img2dataset writes them: an image, a caption, and a .json with the url and extra columns."""
+    return [{"__key__": f"{i:09d}", "jpg": tars.image_bytes(20, 20, seed=i), "txt": "a caption",
+             "json": {"key": f"{i:09d}", "url": f"http://x/{i}.jpg", "label": i % 3}} for i in range(n)]
+
+
+def test_index_prefixed_shards_from_their_tars(tars, tmp_path):
+    records = img2dataset_records(tars, 7)
     tars.write("laion/part-00000.tar", records[:4])
     tars.write("laion/part-00001.tar", records[4:])
-    manifest = index_shards(str(tmp_path / "laion" / "part-*.tar"), classes=["even", "odd"])
+    report = index_shards(str(tmp_path / "laion" / "part-*.tar"), classes=["a", "b", "c"], progress=False)
+    manifest = report.manifest
     assert manifest.split == "part" and [s.num_samples for s in manifest.shards] == [4, 3]
-    assert (tmp_path / "laion" / "part.manifest.json").exists()
+    assert (report.from_stats, report.from_tars) == (0, 2)
+    assert report.path == str(tmp_path / "laion" / "part.manifest.json")
+    assert manifest.sample_members == ["jpg", "json", "txt"] and manifest.json_keys == ["key", "label", "url"]
+    assert "no .cls member" in manifest.label_problem("") and manifest.label_problem("label") is None
+    assert "'cls_id' is not a key" in manifest.label_problem("cls_id")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_index_numbered_shards_from_img2dataset_stats_and_check_them(tars, tmp_path, where, request):
+    """img2dataset's layout: 00000.tar, 00000_stats.json, 00000.parquet; names without a split."""
+    records = img2dataset_records(tars, 9)
+    folder = tmp_path / "out"
+    for shard, part in enumerate((records[:4], records[4:6], records[6:])):
+        tars.write(f"out/{shard:05d}.tar", part)
+        if shard != 1:  # a shard whose stats file is missing is counted from its tar
+            (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 5, "successes": len(part)}))
+        (folder / f"{shard:05d}.parquet").write_bytes(b"PAR1")
+    base = str(folder)
+    if where == "s3":
+        base = request.getfixturevalue("s3_store").uri("index", tmp_path.name)
+        fs, path = storage.resolve(base)
+        pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    report = index_shards(f"{base}/{{00000..00002}}.tar", verify=2, progress=False)
+    assert report.manifest.split == "train" and report.path == f"{base}/train.manifest.json"
+    assert [s.num_samples for s in report.manifest.shards] == [4, 2, 3]
+    assert (report.from_stats, report.from_tars, report.verified) == (2, 1, 2)
+    assert find_manifest(expand_shards(f"{base}/*.tar")) == report.manifest  # found for unnamed shards too
+    assert index_shards(f"{base}/*.tar", split="val", progress=False).path == f"{base}/val.manifest.json"
+
+    (folder / "00002_stats.json").write_text(json.dumps({"successes": 5}))  # the tar holds 3
+    with pytest.raises(ValueError, match=r"1 of 2 checked shards disagree .*00002.tar: 5 in its stats, 3 in the tar"):
+        index_shards(f"{folder}/*.tar", verify=5, progress=False)
+    with pytest.raises(ValueError, match=r"2 splits \(<numbered>, part\)"):
+        tars.write("out/part-00000.tar", records[:1])
+        index_shards(f"{folder}/*.tar", progress=False)
 
 
 def test_read_image_file_reencodes_other_formats_as_png(tmp_path):

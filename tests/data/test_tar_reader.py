@@ -1,14 +1,16 @@
-"""Tolerant tar reading, shard path expansion and the per-epoch shard order."""
+"""Tolerant tar reading, header-only sample counts and the per-epoch shard order."""
 
 import gzip
 import io
 import os
 import tarfile
 
+import pyarrow.fs as pafs
 import pytest
 import ray
 
-from pipeline.data.tar_reader import expand_shards, iter_tar_samples, read_shards, shard_order
+from pipeline.data import tar_reader
+from pipeline.data.tar_reader import count_samples, iter_tar_samples, read_shards, shard_order
 
 
 @pytest.fixture
@@ -16,19 +18,6 @@ def shards(tars):
     """Five shards of two samples each: shard i holds keys i0, i1 with label i."""
     return [tars.write(f"s/train-{i:06d}.tar", [tars.good_record(f"{i}{j}", label=i, seed=j) for j in range(2)])
             for i in range(5)]
-
-
-def test_expand_lists_globs_braces_folders_and_uris(shards, tmp_path):
-    folder = str(tmp_path / "s")
-    (tmp_path / "s" / "notes.txt").write_text("not a shard")
-    expected = [os.path.abspath(p) for p in shards]
-    assert expand_shards(shards)[0] == expected
-    assert expand_shards(f"{folder}/train-*.tar")[0] == expected
-    assert expand_shards(f"{folder}/train-{{000000..000004}}.tar")[0] == expected
-    assert expand_shards(folder)[0] == expected
-    assert expand_shards(f"file://{folder}/train-{{000000..000001}}.tar")[0] == expected[:2]
-    with pytest.raises(ValueError, match="no files match"):
-        expand_shards(f"{folder}/val-*.tar")
 
 
 def tar_bytes(tars, n: int) -> tuple[bytes, list[tarfile.TarInfo]]:
@@ -94,6 +83,24 @@ def test_long_member_names_and_non_file_members_in_each_tar_format(tmp_path, tar
     with open(path, "rb") as f:
         rows = list(iter_tar_samples(f, path))
     assert [(r["__key__"], r["image"], r["cls"], r["read_error"]) for r in rows] == [(key, b"jpeg bytes", b"3", None)]
+    assert count_samples(pafs.LocalFileSystem(), path) == 1
+
+
+@pytest.mark.parametrize("scan_block", [512, 1500, 1 << 22])  # header and data reads across block edges, or none
+def test_header_only_counts_equal_the_samples_the_stream_reader_yields(tars, tmp_path, monkeypatch, scan_block):
+    monkeypatch.setattr(tar_reader, "SCAN_BLOCK", scan_block)
+    data, members = tar_bytes(tars, 10)
+    offset = {m.name: m for m in members}
+    cases = {"whole": (data, 10),
+             "cut inside an image": (data[: offset["0006.jpg"].offset_data + 100], 6),
+             "cut inside the json after image and label": (data[: offset["0006.json"].offset_data + 10], 7),
+             "cut between two samples": (data[: offset["0004.cls"].offset], 4),
+             "cut in the end-of-archive blocks": (data[: offset["0009.json"].offset_data + 512 + 100], 10)}
+    for name, (blob, expected) in cases.items():
+        path = tmp_path / "x.tar"
+        path.write_bytes(blob)
+        streamed = [r for r in iter_tar_samples(io.BytesIO(blob), "x.tar") if r["read_error"] is None]
+        assert count_samples(pafs.LocalFileSystem(), str(path)) == len(streamed) == expected, name
 
 
 def _member(name: str, kind: bytes, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
@@ -108,7 +115,7 @@ def shard_sequence(dataset: ray.data.Dataset) -> list[str]:
 
 
 def test_each_epoch_reads_shards_in_the_permutation_seeded_with_seed_plus_epoch(ray_local, shards):
-    paths, fs = expand_shards(shards)
+    paths, fs = [os.path.abspath(p) for p in shards], pafs.LocalFileSystem()
     dataset = read_shards(paths, fs, seed=11, override_num_blocks=len(paths))
     dataset.context.execution_options.preserve_order = True  # row order = read-task order
     epochs = [shard_sequence(dataset) for _ in range(3)]

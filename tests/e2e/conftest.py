@@ -2,13 +2,15 @@
 (tests/conftest.py) for the real local Ray (the session fixture `ray_local`), real DeepSpeed and a real MLflow
 sqlite store. Helpers reach the test modules as fixtures (the suite runs with --import-mode=importlib)."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_job_config
 
-CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
+JOBS = Path(__file__).parents[2] / "jobs"
+CONFIGS = JOBS / "configs"
 
 
 @pytest.fixture
@@ -19,6 +21,19 @@ def tiny_job():
 @pytest.fixture
 def metric_history():
     return read_metric_history
+
+
+@pytest.fixture
+def job_main():
+    return load_job_main
+
+
+def load_job_main(name: str):
+    """`main(argv)` of jobs/<name>.py, run in this process as `python jobs/<name>.py` would run it."""
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", JOBS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def build_tiny_job(folder: Path, workdir: Path, *overrides: str, config: str = "digits_pretrain.yaml"):

@@ -3,7 +3,6 @@
 and the comparison. Both trainings are shortened to keep the suite's time; the full recipe's figures are in
 docs/benchmarks.md (`make demo`)."""
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pipeline.config import ConfigError, load_job_config
 from pipeline.tracking.compare import compare_runs
 from pipeline.tracking.lineage import latest_pretrain_run_id
 from pipeline.tracking.runs import child_run_ids, resolve_tracking_uri
-from pipeline.train.launch import with_latest_pretrain
+from pipeline.train.launch import resolve_init
 
 pytestmark = pytest.mark.e2e
 
@@ -25,20 +24,13 @@ PRETRAIN_STEPS = 300  # half the shipped recipe
 MIN_PRETRAIN_TOP1 = 0.65  # 0.774 in a 300-step run; the full recipe reaches 0.92-0.95
 
 
-def job_main(name: str):
-    spec = importlib.util.spec_from_file_location(f"jobs_{name}", JOBS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_local, tmp_path, monkeypatch,
-                                                                                  metric_history, capsys):
+                                                                                  metric_history, capsys, job_main):
     monkeypatch.chdir(tmp_path)  # the demo's data, store and checkpoints land in the current folder
     for name in ("MLFLOW_TRACKING_URI", "VIT_PIPELINE_HOME"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="no finished pretrain run in experiment 'vit-pipeline'.*jobs/pretrain.py"):
-        with_latest_pretrain(load_job_config(JOBS / "configs" / "digits_finetune.yaml", []))
+        resolve_init(load_job_config(JOBS / "configs" / "digits_finetune.yaml", []))
 
     start = time.perf_counter()
     assert job_main("pretrain")([f"train.steps={PRETRAIN_STEPS}"]) == 0

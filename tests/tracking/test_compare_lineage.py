@@ -1,6 +1,8 @@
 """Comparison table and curves, and the lineage lookups a fine-tune starts from, on both kinds of store."""
 
 import io
+import os
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -72,3 +74,20 @@ def test_lineage_lookups_and_their_errors(sqlite_uri, tmp_path):
         pretrain_run(sqlite_uri, finetune)
     with pytest.raises(LineageError, match="has no checkpoint"):
         pretrain_run(sqlite_uri, without_checkpoint)
+
+
+def test_a_checkpoint_on_s3_is_followed_from_its_tag(sqlite_uri, tmp_path, s3_store):
+    from pipeline import storage
+
+    uri = s3_store.uri("lineage", tmp_path.name, "checkpoint_000002")
+    fs, path = storage.resolve(uri)
+    for name, body in (("model.safetensors", b"weights"), ("config.json", b"{}"), ("train_state.json", b"{}")):
+        with fs.open_output_stream(f"{path}/{name}") as out:
+            out.write(body)
+    run_id = make_run(sqlite_uri, "lineage-s3", "pretrain", tags={"pipeline.checkpoint": uri})
+    found = pretrain_run(sqlite_uri, run_id)
+    assert found.downloaded and sorted(os.listdir(found.checkpoint_dir)) == ["config.json", "model.safetensors"]
+    assert (Path(found.checkpoint_dir) / "model.safetensors").read_bytes() == b"weights"
+    gone = make_run(sqlite_uri, "lineage-s3", "pretrain", tags={"pipeline.checkpoint": uri + "-deleted"})
+    with pytest.raises(LineageError, match="has no checkpoint"):
+        pretrain_run(sqlite_uri, gone)

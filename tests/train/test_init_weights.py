@@ -9,13 +9,17 @@ from safetensors.torch import save_file
 
 from pipeline.config import ConfigError
 from pipeline.model import build_model
-from pipeline.train.init_weights import load_init_weights
+from pipeline.train.init_weights import load_init_weights, locate_init
 from pipeline.train.loop import load_init_weights as load_into_model
 
 
 def meta_state(name: str, **overrides) -> dict:
     with torch.device("meta"):
         return build_model(name, **overrides).state_dict()
+
+
+def fit(spec: str, model_state: dict, *, reset_head: bool = False):
+    return load_init_weights(locate_init(spec, ""), model_state, reset_head=reset_head)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -26,8 +30,7 @@ def test_timm_state_dict_at_224_fine_tunes_at_384(tmp_path, suffix):
     state = {k: v.contiguous() for k, v in theirs.state_dict().items()}
     torch.save(state, path) if suffix == ".pth" else save_file(state, str(path))
 
-    init = load_init_weights(str(path), "", meta_state("vit_tiny_patch16_224", img_size=384, num_classes=10),
-                             reset_head=False)
+    init = fit(str(path), meta_state("vit_tiny_patch16_224", img_size=384, num_classes=10))
     assert init.source_img_size == 224 and not init.reset_head
     model = build_model("vit_tiny_patch16_224", img_size=384, num_classes=10).eval()
     load_into_model(model, init.state_dict, reset_head=init.reset_head)
@@ -45,13 +48,12 @@ def test_head_is_reset_exactly_when_it_should(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"model_args": {"img_size": 32}, "mlflow_run_id": "abc"}))
 
-    same = load_init_weights(str(tmp_path), "", meta_state("vit_demo_patch4_32", img_size=64), reset_head=False)
+    same = fit(str(tmp_path), meta_state("vit_demo_patch4_32", img_size=64))
     assert not same.reset_head and "head.weight" in same.state_dict
     assert same.parent_run_id == "abc" and same.source_img_size == 32
-    asked = load_init_weights(str(tmp_path), "", meta_state("vit_demo_patch4_32", img_size=64), reset_head=True)
+    asked = fit(str(tmp_path), meta_state("vit_demo_patch4_32", img_size=64), reset_head=True)
     assert asked.reset_head and "head.weight" not in asked.state_dict
-    other_classes = load_init_weights(str(tmp_path / "model.safetensors"), "",
-                                      meta_state("vit_demo_patch4_32", num_classes=3), reset_head=False)
+    other_classes = fit(str(tmp_path / "model.safetensors"), meta_state("vit_demo_patch4_32", num_classes=3))
     assert other_classes.reset_head and "head.bias" not in other_classes.state_dict
 
     torch.manual_seed(1)
@@ -66,16 +68,43 @@ def test_mismatched_architecture_and_bad_paths_are_clear_errors(tmp_path):
     deeper = build_model("vit_demo_patch4_32", depth=6)
     save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, str(tmp_path / "deep.safetensors"))
     with pytest.raises(ConfigError, match=r"different architecture .*blocks\.4\.attn\.qkv\.weight: not in the model"):
-        load_init_weights(str(tmp_path / "deep.safetensors"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+        fit(str(tmp_path / "deep.safetensors"), meta_state("vit_demo_patch4_32"))
     wider = build_model("vit_demo_patch4_32", embed_dim=48)
     save_file({k: v.contiguous() for k, v in wider.state_dict().items()}, str(tmp_path / "wide.safetensors"))
     with pytest.raises(ConfigError, match=r"cls_token: weights \(1, 1, 48\) vs model \(1, 1, 96\)"):
-        load_init_weights(str(tmp_path / "wide.safetensors"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+        fit(str(tmp_path / "wide.safetensors"), meta_state("vit_demo_patch4_32"))
     with pytest.raises(ConfigError, match="does not exist"):
-        load_init_weights(str(tmp_path / "nope.pth"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+        fit(str(tmp_path / "nope.pth"), meta_state("vit_demo_patch4_32"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="without model.safetensors"):
-        load_init_weights(str(tmp_path / "empty"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+        fit(str(tmp_path / "empty"), meta_state("vit_demo_patch4_32"))
     torch.save({"step": 3}, tmp_path / "not_weights.pth")
     with pytest.raises(ConfigError, match="does not hold a state_dict of tensors"):
-        load_init_weights(str(tmp_path / "not_weights.pth"), "", meta_state("vit_demo_patch4_32"), reset_head=False)
+        fit(str(tmp_path / "not_weights.pth"), meta_state("vit_demo_patch4_32"))
+    torch.save({"model": build_model("vit_demo_patch4_32")}, tmp_path / "pickled.pth")  # a whole pickled module
+    with pytest.raises(ConfigError) as refused:
+        fit(str(tmp_path / "pickled.pth"), meta_state("vit_demo_patch4_32"))
+    assert str(refused.value) == (f"init_from: {tmp_path}/pickled.pth is not a plain tensor file: it holds pickled "
+                                  "Python objects, which are not loaded (weights_only=True); save a state_dict of "
+                                  "tensors or safetensors")
+
+
+def test_weights_on_s3_are_read_from_a_checkpoint_folder_or_a_file(tmp_path, s3_store):
+    import pyarrow.fs as pafs
+
+    from pipeline import storage
+
+    torch.manual_seed(0)
+    source = build_model("vit_demo_patch4_32")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_args": {"img_size": 32}, "mlflow_run_id": "abc"}))
+    uri = s3_store.uri("init", tmp_path.name, "checkpoint_000001")
+    fs, path = storage.resolve(uri)
+    pafs.copy_files(str(tmp_path), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    for spec in (uri, f"{uri}/model.safetensors"):
+        init = fit(spec, meta_state("vit_demo_patch4_32", img_size=64))
+        assert (init.source_img_size, init.parent_run_id, init.source) == (32, "abc", spec)
+        assert torch.equal(init.state_dict["blocks.3.mlp.fc1.weight"], source.blocks[3].mlp.fc1.weight)
+    with pytest.raises(ConfigError, match=f"init_from: {uri}/nope does not exist"):
+        fit(f"{uri}/nope", meta_state("vit_demo_patch4_32"))

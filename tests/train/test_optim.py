@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from pipeline.model import build_model
-from pipeline.train.deepspeed_config import build_deepspeed_config
 from pipeline.train.optim import build_optimizer, build_param_groups, build_scheduler, lr_multiplier
 
 
@@ -50,19 +49,3 @@ def test_warmup_then_cosine():
         scheduler.step()
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * lr_multiplier(10, **kwargs))
     assert torch.is_tensor(model.pos_embed)
-
-
-def test_deepspeed_config_follows_the_typed_settings():
-    config = build_deepspeed_config(micro_batch_size=8, grad_accum_steps=4, world_size=2, zero_stage=3, bf16=True,
-                                    grad_clip=1.0, offload_optimizer=True)
-    assert config["train_batch_size"] == 64 and config["gradient_accumulation_steps"] == 4
-    assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"] is True
-    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert "optimizer" not in config  # the trainer passes a torch AdamW instance
-    assert "reduce_bucket_size" not in config["zero_optimization"]  # DeepSpeed's default without a model size
-    capped = build_deepspeed_config(micro_batch_size=8, grad_accum_steps=1, world_size=2, zero_stage=3, bf16=True,
-                                    grad_clip=1.0, num_params=5_000_000)["zero_optimization"]
-    assert capped["reduce_bucket_size"] == capped["allgather_bucket_size"] == 5_000_000
-    with pytest.raises(ValueError, match="offload_optimizer needs ZeRO stage"):
-        build_deepspeed_config(micro_batch_size=8, grad_accum_steps=1, world_size=1, zero_stage=0, bf16=False,
-                               grad_clip=1.0, offload_optimizer=True)

@@ -68,10 +68,10 @@ def run_img2dataset(urls, out: Path, *, per_shard: int) -> None:
     url_list.write_text("url,caption,label\n" + "".join(f"{url},a {CLASSES[label]} picture,{label}\n"
                                                        for url, label in urls))
     done = subprocess.run(
-        [str(IMG2DATASET), "--url_list", str(url_list), "--input_format", "csv", "--url_col", "url", "--caption_col", "caption",
-         "--save_additional_columns", '["label"]', "--output_format", "webdataset", "--output_folder", str(out),
-         "--number_sample_per_shard", str(per_shard), "--processes_count", "1", "--thread_count", "4",
-         "--resize_mode", "no", "--enable_wandb", "False", "--retries", "0"],
+        [str(IMG2DATASET), "--url_list", str(url_list), "--input_format", "csv", "--url_col", "url",
+         "--caption_col", "caption", "--save_additional_columns", '["label"]', "--output_format", "webdataset",
+         "--output_folder", str(out), "--number_sample_per_shard", str(per_shard), "--processes_count", "1",
+         "--thread_count", "4", "--resize_mode", "no", "--enable_wandb", "False", "--retries", "0"],
         capture_output=True, text=True, timeout=300, env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"},
         check=False)
     assert done.returncode == 0, done.stderr[-3000:]

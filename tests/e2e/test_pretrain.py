@@ -176,3 +176,52 @@ def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job):
               str(other / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"different model .*blocks\.2\.norm1\.weight: missing from checkpoint"):
         prepare_job(tiny_job(digits_shards, tmp_path, f"train.resume_from={other}"))
+
+
+def test_a_data_failure_ends_the_job_in_one_attempt_with_one_line(tmp_path, capsys):
+    """Over data.max_bad_fraction, `python jobs/pretrain.py` (its own Ray) exits 1 after one attempt, whatever
+    train.max_failures allows, and its stderr ends with the ledger's message on one line."""
+    import io
+    import subprocess
+    import sys
+
+    import numpy as np
+    import webdataset as wds
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from pipeline.data.shard_writer import index_shards
+
+    rng = np.random.default_rng(0)
+    for shard in range(4):
+        with wds.TarWriter(str(tmp_path / f"train-{shard:06d}.tar")) as writer:
+            for i in range(60):
+                image = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image, format="JPEG")
+                writer.write({"__key__": f"{shard}{i:04d}", "jpg": image.getvalue() if i % 5 else b"not a jpeg",
+                              "cls": str(i % 3).encode()})
+    index_shards(str(tmp_path / "train-*.tar"), classes=["a", "b", "c"], progress=False)
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER"))}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(root / "jobs/pretrain.py"), "--config", str(root / "jobs/configs/digits_pretrain.yaml"),
+         f"data.train={tmp_path}/train-*.tar", "data.val=", "train.steps=20", "train.max_failures=2",
+         "data.max_bad_fraction=0.05", "data.min_samples_for_bad_check=50", f"train.storage_path={tmp_path}/runs",
+         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400, check=False)
+    took_s = time.perf_counter() - start
+    lines = done.stderr.splitlines()
+    first_error = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    with capsys.disabled():
+        print(f"\ndata-threshold failure: exit {done.returncode} after {took_s:.0f} s, "
+              f"{len(lines) - first_error} stderr line(s) from 'error:' to the exit")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert lines[first_error:] == [lines[-1]]
+    assert lines[-1].startswith("error: too many bad samples: ") and "were bad" in lines[-1], lines[-1]
+    assert "over data.max_bad_fraction=0.05" in lines[-1] and "(undecodable: " in lines[-1], lines[-1]
+    output = done.stdout + done.stderr
+    assert output.count("Started training worker group") == 1, output[-3000:]  # not restarted for bad data
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("vit-pipeline").experiment_id])
+    assert run.info.status == "FAILED"

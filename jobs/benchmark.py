@@ -2,6 +2,8 @@
 
     python jobs/benchmark.py model --preset vit_small_patch16_224 --img-size 224 --batch-size 8
     python jobs/benchmark.py data
+    python jobs/benchmark.py storage      # S3 endpoint against local disk (a moto server on 127.0.0.1 by default)
+    python jobs/benchmark.py index
 
 Each suite prints a markdown table with the command, machine and date; copy it into docs/benchmarks.md.
 `python jobs/benchmark.py SUITE --help` lists a suite's options.
@@ -16,11 +18,13 @@ SUITES = {
     "model": ("model_speed", "forward+backward step time of our ViT against timm's, side by side"),
     "data": ("data_speed", "images/s of the Ray Data pipeline against webdataset's loader and a bare loop"),
     "train": ("train_speed", "Ray Train + DeepSpeed step against plain torch, per-rank ZeRO state bytes, GPU MFU"),
+    "storage": ("storage_speed", "images/s from shards on an S3 endpoint against the same shards on local disk"),
+    "index": ("index_speed", "indexing 2,000 shards on an S3 endpoint, with and without img2dataset's stats"),
 }
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv: list[str]):
+    """(the chosen suite's module, its parsed arguments)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="suite", required=True)
     for name, (_, help_text) in SUITES.items():
@@ -30,7 +34,12 @@ def main(argv=None):
     module = importlib.import_module(f"pipeline.benchmarks.{SUITES[suite][0]}")
     suite_parser = argparse.ArgumentParser(prog=f"benchmark.py {suite}", description=module.__doc__)
     module.add_arguments(suite_parser)
-    module.run(suite_parser.parse_args(argv[argv.index(suite) + 1:]))
+    return module, suite_parser.parse_args(argv[argv.index(suite) + 1:])
+
+
+def main(argv=None):
+    module, args = parse(sys.argv[1:] if argv is None else argv)
+    module.run(args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pipeline.tracking.compare import CompareError, compare_runs, format_table, 
 from pipeline.tracking.runs import resolve_tracking_uri
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default=TrackingConfig().experiment, help="MLflow experiment to compare")
     parser.add_argument("--runs", nargs="+", help="compare these run ids instead of a whole experiment")
@@ -23,7 +23,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tracking-uri", default="",
                         help="MLflow URI; default $MLFLOW_TRACKING_URI or the local store")
     parser.add_argument("--out", default="compare.png", help="where to write the curves PNG")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
         rows = compare_runs(uri, experiment=args.experiment, run_ids=args.runs, last=args.last)

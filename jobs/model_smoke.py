@@ -26,14 +26,18 @@ def load_digit_images(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target, dtype=torch.int64)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["vit_demo_patch4_32", "vit_demo_hybrid_patch1_32"],
                         help="model presets to check")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per preset")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--seed", type=int, default=0, help="torch seed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     for preset in args.presets:
         torch.manual_seed(args.seed)

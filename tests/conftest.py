@@ -1,9 +1,5 @@
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,45 +32,10 @@ def s3_store():
     This process's environment gets the standard AWS_* settings for it before the session's Ray starts
     (`ray_local` depends on this fixture), so the Ray workers, decode tasks and in-process jobs reach it the way
     a user's do: through the variables pyarrow reads."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        import pyarrow.fs as pafs
+    from pipeline.benchmarks.s3_endpoint import s3_endpoint
 
-        store = S3Store(endpoint=endpoint, bucket="vit-test", env=env)
-        fs, _ = pafs.FileSystem.from_uri(f"s3://{store.bucket}?allow_bucket_creation=true")
-        fs.create_dir(store.bucket)
-        yield store
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with s3_endpoint("vit-test") as env:
+        yield S3Store(endpoint=env["AWS_ENDPOINT_URL"], bucket="vit-test", env=env)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +61,28 @@ def digits_shards(tmp_path_factory):
     write_source(digits_source(img_size=32), str(folder), max_count=DIGITS_SHARD_SIZE, max_size=1 << 30,
                  progress=False)
     return folder
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PLACEHOLDER = re.compile(r"<[^<>\n]+>")  # <run id>, <pretrain run id>: what the reader fills in
+
+
+def documented_commands(*docs: str) -> list[list[str]]:
+    """The `python jobs/…` commands of the bash blocks of `docs` (README.md by default), the entry points of
+    their `ray job submit … -- python jobs/…` lines included, as argument lists from `jobs/…` on, split as a
+    shell splits them. A placeholder such as `<run id>` becomes RUN_ID; variables are left as written."""
+    commands = []
+    for doc in docs or ("README.md",):
+        for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(PLACEHOLDER.sub("RUN_ID", line), comments=True)
+                if words[:3] == ["ray", "job", "submit"] and "--" in words:
+                    words = words[words.index("--") + 1:]
+                if words[:1] == ["python"] and len(words) > 1 and words[1].startswith("jobs/"):
+                    commands.append(words[1:])
+    return commands
+
+
+@pytest.fixture(scope="session")
+def readme_commands():
+    return documented_commands

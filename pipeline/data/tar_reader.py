@@ -282,7 +282,7 @@ def first_sample_members(fs: pafs.FileSystem, path: str) -> SampleMembers:
     """What a shard's first sample holds, read from the start of the shard only."""
     members: dict[str, bytes] = {}
     first_key = None
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, buffer_size=1 << 20) as f:  # unbuffered, each read is a request
         try:
             for name, data in iter_tar_members(f):
                 key, suffix = split_member_name(name)

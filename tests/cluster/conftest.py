@@ -207,6 +207,33 @@ def local_cluster():
     return LocalCluster
 
 
+class S3Chain:
+    """Shards in the session's S3 bucket (`s3_store`), and what a job submitted to a head needs to use them."""
+
+    def __init__(self, store, prefix: str):
+        self.store = store
+        self.prefix = prefix  # s3://bucket/…: the shards under /digits, checkpoints under /runs
+        # how users hand a job its S3 settings: the runtime env (docs/operations.md)
+        self.runtime_env = ("--runtime-env-json", json.dumps({"env_vars": store.env}))
+
+    def overrides(self, *more: str) -> list[str]:
+        return [f"data.train={self.prefix}/digits/train-*.tar", f"data.val={self.prefix}/digits/val-*.tar",
+                f"train.storage_path={self.prefix}/runs", *TINY, *more]
+
+
+@pytest.fixture(scope="session")
+def s3_chain(s3_store):
+    """The digits shards written to the bucket by `python jobs/make_shards.py --out s3://…`, run as a user
+    runs it (its S3 settings in its environment)."""
+    chain = S3Chain(s3_store, s3_store.uri("cluster"))
+    done = subprocess.run([str(BIN / "python"), "jobs/make_shards.py", "--out", f"{chain.prefix}/digits",
+                           "--no-progress"], cwd=ROOT, env=clean_env(**s3_store.env), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"train: 1438 samples, 2 shards, 5.5 MiB, 0 skipped -> {chain.prefix}/digits" in done.stdout, done.stdout
+    return chain
+
+
 @pytest.fixture(scope="session")
 def tiny_overrides():
     def overrides(shards: Path, workdir: Path, *more: str) -> list[str]:

@@ -1,13 +1,21 @@
-"""`ray job submit` against a real Ray head with token authentication, tracked on a real MLflow server with a
-sqlite database: pretrain (with the server stopped and restarted mid-run), then fine-tune from runs:/<id>."""
+"""The README's cluster chain: `ray job submit` against a real Ray head with token authentication, tracked on a
+real MLflow server with a sqlite database, with shards and checkpoints on a real S3-compatible server (moto on
+127.0.0.1, reached through the standard AWS_* variables passed in the job's runtime env): make_shards to the
+bucket, pretrain from it (with the MLflow server stopped and restarted mid-run), then fine-tune from runs:/<id>."""
 
+import json
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+from pipeline import storage
+from pipeline.model import VisionTransformer
 
 pytestmark = pytest.mark.e2e
 
@@ -25,13 +33,12 @@ def head(tmp_path_factory, local_cluster):
 
 
 @pytest.fixture(scope="module")
-def pretrain(head, digits_shards, tmp_path_factory, tiny_overrides):
-    """A pretrain job submitted to the head; once it is training, the MLflow server is stopped by PID and
-    restarted on the same port and database."""
-    workdir = tmp_path_factory.mktemp("pretrain")
+def pretrain(head, s3_chain, tmp_path_factory):
+    """A pretrain job submitted to the head, reading shards from the bucket and checkpointing into it; once it
+    is training, the MLflow server is stopped by PID and restarted on the same port and database."""
     job = head.submit("python", "jobs/pretrain.py", "--config", "jobs/configs/digits_pretrain.yaml",
-                      *tiny_overrides(digits_shards, workdir, f"train.steps={PRETRAIN_STEPS}",
-                                      f"tracking.uri={head.mlflow_uri}"))
+                      *s3_chain.overrides(f"train.steps={PRETRAIN_STEPS}", f"tracking.uri={head.mlflow_uri}"),
+                      extra=s3_chain.runtime_env)
     try:
         first_step_s = job.wait_for(rf"step 1/{PRETRAIN_STEPS} ", timeout_s=400)
         print(f"\nsubmit -> first training step: {first_step_s:.1f} s")
@@ -50,7 +57,7 @@ def pretrain(head, digits_shards, tmp_path_factory, tiny_overrides):
     (run,) = client.search_runs([client.get_experiment_by_name("vit-pipeline").experiment_id],
                                 filter_string="tags.`pipeline.job` = 'pretrain'")
     return {"run": run, "job": job, "first_step_s": first_step_s, "down_ms": down_ms, "up_ms": up_ms,
-            "workdir": workdir}
+            "workdir": tmp_path_factory.mktemp("pretrain")}
 
 
 def test_pretrain_job_is_recorded_on_the_tracking_server(head, pretrain):
@@ -63,13 +70,31 @@ def test_pretrain_job_is_recorded_on_the_tracking_server(head, pretrain):
     assert sorted(m.step for m in losses) == list(range(1, PRETRAIN_STEPS + 1))
     assert 0.0 <= run.data.metrics["val/top1"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "plots", "weights"} <= artifacts, artifacts
-    weights = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
-    assert {"weights/model.safetensors", "weights/config.json"} <= weights
-    local = client.download_artifacts(run.info.run_id, "weights/model.safetensors", str(pretrain["workdir"]))
-    assert Path(local).stat().st_size > 100_000  # the demo ViT's fp32 weights came through the server
-    assert Path(run.data.tags["pipeline.checkpoint"]).is_relative_to(pretrain["workdir"] / "runs")
+    assert {"config.yaml", "plots"} <= artifacts and "weights" not in artifacts, artifacts
     assert pretrain["first_step_s"] < 400
+
+
+def test_the_checkpoint_in_the_bucket_is_linked_and_loads_in_our_vit_and_timm(head, pretrain, s3_chain):
+    run = MlflowClient(head.mlflow_uri).get_run(pretrain["run"].info.run_id)
+    checkpoint = run.data.tags["pipeline.checkpoint"]
+    assert checkpoint.startswith(f"{s3_chain.prefix}/runs/pretrain-") and "/checkpoint_" in checkpoint
+    output = pretrain["job"].output()
+    assert f"checkpoint:      {checkpoint}" in output  # printed with its scheme
+    assert f"weights not copied into MLflow: the checkpoint is on remote storage, and the run links to it " \
+           f"(tag pipeline.checkpoint = {checkpoint})" in output
+    local = storage.download(checkpoint, ("model.safetensors", "config.json", "train_state.json"))
+    config = json.loads(open(f"{local}/config.json").read())
+    assert json.loads(open(f"{local}/train_state.json").read())["step"] == PRETRAIN_STEPS
+    assert config["mlflow_run_id"] == run.info.run_id and config["job"]["data"]["train"].startswith("s3://")
+    weights = load_file(f"{local}/model.safetensors")
+    args = config["model_args"]
+    ours, theirs = VisionTransformer(**args).eval(), TimmVisionTransformer(**args).eval()
+    ours.load_state_dict(weights, strict=True)
+    theirs.load_state_dict(weights, strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = ours(images)
+        assert torch.isfinite(logits).all() and (logits - theirs(images)).abs().max().item() <= 1e-5
 
 
 def test_metrics_survive_the_tracking_server_restarting_mid_run(head, pretrain):
@@ -84,12 +109,13 @@ def test_metrics_survive_the_tracking_server_restarting_mid_run(head, pretrain):
     assert "MLflow tracking at" in pretrain["job"].output()  # the outage was noticed and said, not hidden
 
 
-def test_finetune_submitted_from_the_pretrain_run_is_linked_to_it(head, pretrain, digits_shards, tmp_path,
-                                                                   tiny_overrides):
+def test_finetune_submitted_from_the_pretrain_run_is_linked_to_it(head, pretrain, s3_chain):
+    """init_from=runs:/<id> follows the run's S3 checkpoint tag; with no model.img_size, twice its resolution."""
     pretrain_id = pretrain["run"].info.run_id
     job = head.submit("python", "jobs/finetune.py", "--config", "jobs/configs/digits_finetune.yaml",
-                      f"init_from=runs:/{pretrain_id}", "model.img_size=48", "finetune.ema_decay=0",
-                      *tiny_overrides(digits_shards, tmp_path, "train.steps=6", f"tracking.uri={head.mlflow_uri}"))
+                      f"init_from=runs:/{pretrain_id}", "finetune.ema_decay=0",
+                      *s3_chain.overrides("train.steps=6", f"tracking.uri={head.mlflow_uri}"),
+                      extra=s3_chain.runtime_env)
     try:
         rc = job.finish(timeout_s=400)
     finally:
@@ -101,8 +127,10 @@ def test_finetune_submitted_from_the_pretrain_run_is_linked_to_it(head, pretrain
     assert run.info.status == "FINISHED"
     assert run.data.tags["pipeline.parent_run_id"] == pretrain_id
     assert run.data.tags["pipeline.init_from"] == f"runs:/{pretrain_id}"
-    assert run.data.params["pretrain_img_size"] == "32" and run.data.params["img_size"] == "48"
+    assert run.data.params["pretrain_img_size"] == "32" and run.data.params["img_size"] == "64"
+    assert "fine-tuning at 64 px (twice the 32 px it was trained at" in job.output()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 7))
+    assert run.data.tags["pipeline.checkpoint"].startswith(f"{s3_chain.prefix}/runs/finetune-")
 
 
 def http_status(url: str, token: str | None) -> int:

@@ -1,6 +1,7 @@
 """The demo chain end to end, as `make demo` runs it: the pretrain on the embedded default (digits made under
 ./data, the local sqlite store), a fine-tune at twice its resolution from that run (runs:/<id>, found in MLflow),
-and the comparison. Both trainings are shortened to keep the suite's time; the full recipe's figures are in
+and the comparison; then the README's local training commands, as written, checked against that folder
+(`--dry-run`). Both trainings are shortened to keep the suite's time; the full recipe's figures are in
 docs/benchmarks.md (`make demo`)."""
 
 import json
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 from safetensors import safe_open
 
@@ -25,7 +27,8 @@ MIN_PRETRAIN_TOP1 = 0.65  # 0.774 in a 300-step run; the full recipe reaches 0.9
 
 
 def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_local, tmp_path, monkeypatch,
-                                                                                  metric_history, capsys, job_main):
+                                                                                  metric_history, capsys, job_main,
+                                                                                  readme_commands):
     monkeypatch.chdir(tmp_path)  # the demo's data, store and checkpoints land in the current folder
     for name in ("MLFLOW_TRACKING_URI", "VIT_PIPELINE_HOME"):
         monkeypatch.delenv(name, raising=False)
@@ -68,3 +71,23 @@ def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_loc
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     rows = compare_runs(uri, experiment="vit-pipeline")
     assert [(row.job, row.img_size) for row in rows] == [("pretrain", "32"), ("finetune", "64")]
+
+    # The README's local pretrain and fine-tune commands, as written, from a folder laid out like the checkout:
+    # they resolve against these shards and this run (`--dry-run`: everything up to the start of Ray)
+    (tmp_path / "jobs").symlink_to(JOBS)
+    filled_in = {"RUN_ID": pretrain_id, "$PWD": str(tmp_path), "$MLFLOW_TRACKING_URI": uri}
+    local = [words for words in readme_commands() if Path(words[0]).stem in ("pretrain", "finetune")
+             and not any("://" in word for word in words if not word.startswith("init_from=runs:/"))]
+    assert len(local) == 4, local
+    capsys.readouterr()
+    sizes = []
+    for words in local:
+        argv = words[1:]
+        for key, value in filled_in.items():
+            argv = [word.replace(key, value) for word in argv]
+        assert job_main(Path(words[0]).stem)([*argv, "--dry-run"]) == 0, words
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        assert resolved["data"]["train"].startswith(str(tmp_path / "data" / "digits")), resolved["data"]
+        sizes.append((Path(words[0]).stem, resolved["data"]["img_size"], resolved["init_from"]))
+    run = f"runs:/{pretrain_id}"
+    assert sizes == [("pretrain", 32, ""), ("finetune", 48, run), ("pretrain", 32, ""), ("finetune", 64, run)]

@@ -34,8 +34,8 @@ def s3_store():
     a user's do: through the variables pyarrow reads."""
     from pipeline.benchmarks.s3_endpoint import s3_endpoint
 
-    with s3_endpoint("vit-test") as env:
-        yield S3Store(endpoint=env["AWS_ENDPOINT_URL"], bucket="vit-test", env=env)
+    with s3_endpoint("vit-test") as endpoint:
+        yield S3Store(endpoint=endpoint.env["AWS_ENDPOINT_URL"], bucket="vit-test", env=endpoint.env)
 
 
 @pytest.fixture(scope="session")

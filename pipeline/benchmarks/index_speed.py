@@ -100,7 +100,8 @@ def serial_index(spec: str, buffer_size: int | None = None) -> list[int]:
 def run(args: argparse.Namespace) -> dict:
     from pipeline.benchmarks.s3_endpoint import s3_endpoint
 
-    with s3_endpoint(args.bucket, use_configured=args.use_configured_endpoint) as env:
+    with s3_endpoint(args.bucket, use_configured=args.use_configured_endpoint) as endpoint:
+        env = endpoint.env
         base = f"s3://{args.bucket}/index-bench-{os.getpid()}"
         start = time.perf_counter()
         upload(f"{base}/tars", args, with_stats=False)

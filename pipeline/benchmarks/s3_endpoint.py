@@ -11,21 +11,33 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+@dataclass
+class Endpoint:
+    env: dict[str, str]  # the AWS_* settings that reach it
+    pid: int | None  # the server's process, when it is ours
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used so far (0 for a store that is not ours)."""
+        import psutil
+
+        return sum(psutil.Process(self.pid).cpu_times()[:2]) if self.pid else 0.0
+
+
 @contextlib.contextmanager
-def s3_endpoint(bucket: str, *, use_configured: bool = False) -> Iterator[dict[str, str]]:
-    """Yields the AWS_* settings of a store that holds `bucket` (created if missing), set in this process's
+def s3_endpoint(bucket: str, *, use_configured: bool = False) -> Iterator[Endpoint]:
+    """Yields a store that holds `bucket` (created if missing), whose AWS_* settings are set in this process's
     environment while it lasts, so that pyarrow here and the Ray workers started meanwhile use them. With
     `use_configured` and AWS_ENDPOINT_URL set, that store; otherwise a moto server of our own."""
     if use_configured and os.environ.get("AWS_ENDPOINT_URL"):
-        env = {key: value for key, value in os.environ.items() if key.startswith("AWS_")}
         _create_bucket(bucket)
-        yield env
+        yield Endpoint({key: value for key, value in os.environ.items() if key.startswith("AWS_")}, None)
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +50,7 @@ def s3_endpoint(bucket: str, *, use_configured: bool = False) -> Iterator[dict[s
         _wait_until_up(env["AWS_ENDPOINT_URL"], server)
         os.environ.update(env)
         _create_bucket(bucket)
-        yield env
+        yield Endpoint(env, server.pid)
     finally:
         for key, value in saved.items():
             if value is None:

@@ -4,14 +4,15 @@
     python jobs/benchmark.py storage --use-configured-endpoint --bucket B   # the store AWS_ENDPOINT_URL names
 
 The data benchmark's ImageNet-like shards (JPEGs of about 500x375 at quality 90) are written to a local folder
-and copied to the bucket. After an untimed warm-up of each contender, --rounds times, each contender runs on the
-local copy and on the S3 copy, in turn (local first in odd rounds, S3 first in even ones, so that a drift of the
+and copied to the bucket. Each contender in turn has an untimed warm-up, then --rounds rounds of one run on the
+local copy and one on the S3 copy (local first in odd rounds, S3 first in even ones, so that a drift of the
 machine's load favours neither):
   (data)     one epoch of the training input pipeline alone, as the trainer builds it (build_image_dataset with
              train=True: read, decode, RandomResizedCrop and flip in Ray Data tasks), iterated in batches;
   (pretrain) a short real pretrain (run_job: Ray Train, DeepSpeed ZeRO-2, 2 CPU workers, the demo ViT at
              --img-size), whose train/images_per_s is averaged over its logging windows after the first.
-The table gives each one's median images/s and the median of the per-round S3/local ratios (goal >= 0.9).
+The table gives each one's median images/s, the median of the per-round S3/local ratios (goal >= 0.9), and the
+CPU time the endpoint itself spent serving each S3 run: a local server takes it from the cores the run uses.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
     workdir = args.workdir or tempfile.mkdtemp(prefix="storage-bench-")
     try:
-        with s3_endpoint(args.bucket, use_configured=args.use_configured_endpoint) as env:
+        with s3_endpoint(args.bucket, use_configured=args.use_configured_endpoint) as endpoint:
+            env = endpoint.env
             local = os.path.join(workdir, "shards")
             shards = build_bench_shards(local, args.num_images, args.shard_size, args.seed)
             remote = f"s3://{args.bucket}/storage-bench-{os.getpid()}"
@@ -111,15 +113,18 @@ def run(args: argparse.Namespace) -> dict:
             contenders = {"data": lambda spec: data_epoch(spec, args),
                           "pretrain": lambda spec: pretrain(spec, workdir, args)}
             samples = {(mode, where): [] for mode in modes for where in specs}
+            server_cpu_s = {mode: [] for mode in modes}  # the endpoint's CPU, on these same cores, per S3 run
             try:
-                for mode in modes:  # warm-up: decode and Train workers, imports, DeepSpeed's comm op
-                    contenders[mode](specs["local"])
-                for r in range(args.rounds):
-                    for mode in modes:
+                for mode in modes:
+                    contenders[mode](specs["local"])  # warm-up: decode and Train workers, imports, comm ops
+                    for r in range(args.rounds):
                         for where in (("local", "s3") if r % 2 == 0 else ("s3", "local")):
+                            before = endpoint.cpu_s()
                             samples[(mode, where)].append(contenders[mode](specs[where]))
-                    print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                        f"{mode} {where} {values[-1]:.0f}" for (mode, where), values in samples.items()), flush=True)
+                            if where == "s3":
+                                server_cpu_s[mode].append(endpoint.cpu_s() - before)
+                        print(f"{mode} round {r + 1}/{args.rounds}: local {samples[(mode, 'local')][-1]:.0f}, "
+                              f"s3 {samples[(mode, 's3')][-1]:.0f} images/s", flush=True)
             finally:
                 if started:
                     ray.shutdown()
@@ -129,12 +134,14 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     print(f"\nShards on an S3 endpoint against local disk, {args.img_size} px; {platform.machine()} "
           f"{os.cpu_count()} cores, {date.today().isoformat()}")
-    print("| contender | local images/s | S3 images/s | S3 / local (median of rounds) |\n|---|---|---|---|")
+    print("| contender | local images/s | S3 images/s | S3 / local (median of rounds) | endpoint CPU s per S3 run |\n"
+          "|---|---|---|---|---|")
     for mode in modes:
         local_values, s3_values = samples[(mode, "local")], samples[(mode, "s3")]
         ratio = statistics.median(s / loc for s, loc in zip(s3_values, local_values, strict=True))
         results[mode] = {"local": statistics.median(local_values), "s3": statistics.median(s3_values),
-                         "ratio": ratio}
-        print(f"| ({mode}) | {results[mode]['local']:.0f} | {results[mode]['s3']:.0f} | **{ratio:.2f}** |")
+                         "ratio": ratio, "server_cpu_s": statistics.median(server_cpu_s[mode])}
+        print(f"| ({mode}) | {results[mode]['local']:.0f} | {results[mode]['s3']:.0f} | **{ratio:.2f}** | "
+              f"{results[mode]['server_cpu_s']:.1f} |")
     print(f"\ncommand: python jobs/benchmark.py storage {' '.join(sys.argv[2:])}".rstrip())
     return results

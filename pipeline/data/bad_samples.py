@@ -133,3 +133,13 @@ def build_ledger(max_bad_fraction: float, min_samples: int, name: str | None = N
 def read_ledger(ledger_name: str) -> BadSampleReport:
     """Current totals, from any process of the same Ray job (driver, Train worker, task)."""
     return ray.get(ray.get_actor(ledger_name).get.remote())
+
+
+def check_ledger(ledger_name: str, max_bad_fraction: float, min_samples: int) -> None:
+    """Raise TooManyBadSamples if the ledger's totals are over the limit; a ledger that is gone (its owner
+    died) says nothing."""
+    try:
+        report = read_ledger(ledger_name)
+    except (ValueError, ray.exceptions.RayError):  # ray.get_actor raises ValueError for an unknown name
+        return
+    check_bad_fraction(report, max_bad_fraction, min_samples)

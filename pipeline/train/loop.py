@@ -209,7 +209,7 @@ def due(step: int, every: int, last: int) -> bool:
 def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
     """Train to `job.train.steps` (or `stop_after_steps`), resuming from the context's latest checkpoint or
     `train.resume_from`."""
-    from pipeline.data.bad_samples import build_ledger, check_bad_fraction, read_ledger
+    from pipeline.data.bad_samples import build_ledger, check_ledger
     from pipeline.tracking.metrics import MetricLogger
     from pipeline.train.data_feed import ShardCatalog, TrainFeed, broadcast_from_rank0, build_eval_stream
 
@@ -303,7 +303,7 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
         # Ray Data hands the trainer a wrapper of a decode task's error without its cause; the ledgers say
         # whether it was the bad-sample limit
         for name in ledger_names:
-            check_bad_fraction(read_ledger(name), data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
+            check_ledger(name, data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
         raise
     finally:
         if metric_logger is not None:

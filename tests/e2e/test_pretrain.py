@@ -151,11 +151,16 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     check_consolidated(job, inputs, result)
 
 
-def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job):
+def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job, s3_store):
     with pytest.raises(ConfigError, match="img_size height 30 is not divisible by patch size"):
         prepare_job(tiny_job(digits_shards, tmp_path, "data.img_size=30"))
     with pytest.raises(ConfigError, match="resume_from: .*/missing does not exist"):
         prepare_job(tiny_job(digits_shards, tmp_path, f"train.resume_from={tmp_path}/missing"))
+    missing = s3_store.uri("nothing", "checkpoint_000001")
+    with pytest.raises(ConfigError, match=f"resume_from: {missing} does not exist"):
+        prepare_job(tiny_job(digits_shards, tmp_path, f"train.resume_from={missing}"))
+    with pytest.raises(ConfigError, match=rf"data.train: 4 of 4 shards do not exist: {s3_store.uri('none')}/train-"):
+        prepare_job(tiny_job(digits_shards, tmp_path, f"data.train={s3_store.uri('none')}/train-{{0..3}}.tar"))
     with pytest.raises(ConfigError, match="unknown model preset 'vit_gigantic'; known presets: "):
         prepare_job(tiny_job(digits_shards, tmp_path, "model.preset=vit_gigantic"))
     with pytest.raises(ConfigError, match="http://127.0.0.1:9"):

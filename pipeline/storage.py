@@ -13,6 +13,7 @@ instance profile; for GCS `GOOGLE_APPLICATION_CREDENTIALS`; options in the URI's
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import shutil
@@ -60,7 +61,7 @@ def to_uri(base: str, path: str) -> str:
     query for a URI."""
     if not is_remote(base):
         return path
-    uri_prefix, fs_prefix = _prefixes(base, resolve(base)[1] if not _bucket_in_path(base) else None)
+    uri_prefix, fs_prefix = _prefixes_of(base)
     if not path.startswith(fs_prefix):
         raise ValueError(f"{path} is not on the filesystem of {base}")
     query = _query(base)
@@ -93,12 +94,6 @@ def file_type(uri: str) -> pafs.FileType:
 
 def exists(uri: str) -> bool:
     return file_type(uri) != pafs.FileType.NotFound
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
 
 
 def download(uri: str, names: tuple[str, ...] | None = None, *, prefix: str = "download-") -> str:
@@ -139,6 +134,13 @@ def _local_path(uri: str) -> str:
 
 def _query(uri: str) -> str:
     return urllib.parse.urlparse(uri).query
+
+
+@functools.lru_cache(maxsize=64)
+def _prefixes_of(base: str) -> tuple[str, str]:
+    """`_prefixes` of a location, asking pyarrow (a new client) only for stores other than buckets, and once per
+    location: a listing maps every entry back through the same one."""
+    return _prefixes(base, None if _bucket_in_path(base) else resolve(base)[1])
 
 
 def _prefixes(uri: str, path: str | None) -> tuple[str, str]:

@@ -85,12 +85,11 @@ def serial_index(spec: str, buffer_size: int | None = None) -> list[int]:
     from pipeline import storage
     from pipeline.data.tar_reader import iter_tar_samples
 
-    paths = [storage.resolve(uri) for uri in braceexpand.braceexpand(spec)]
-    fs = paths[0][0]
-    for _, path in paths:
+    fs, paths = storage.resolve_many(list(braceexpand.braceexpand(spec)))  # one client, as the loop made
+    for path in paths:
         fs.get_file_info(path)
     counts = []
-    for _, path in paths:
+    for path in paths:
         with fs.open_input_stream(path, buffer_size=buffer_size) as f:
             counts.append(sum(1 for row in iter_tar_samples(f, path) if row["read_error"] is None))
         fs.get_file_info(path)

@@ -67,15 +67,18 @@ class Manifest:
                 "format"}
         return cls(shards=shards, **{k: v for k, v in body.items() if k in keep})
 
-    def samples_in(self, shard_paths: list[str]) -> int:
-        """Samples held by the given shards, which must all be listed in this manifest."""
+    def sample_counts(self, shard_paths: list[str]) -> list[int]:
+        """The sample count of each given shard (local path or URI), which must all be listed in this manifest."""
         counts = {s.name: s.num_samples for s in self.shards}
         missing = [p for p in shard_paths if storage.basename(p) not in counts]
         if missing:
             raise ValueError(f"{len(missing)} shard(s) are not in the {self.split!r} manifest, e.g. {missing[0]}; "
                              "rewrite the manifest with `jobs/make_shards.py --source shards:PATTERN`")
-        return sum(counts[storage.basename(p)] for p in shard_paths)
+        return [counts[storage.basename(p)] for p in shard_paths]
 
+    def samples_in(self, shard_paths: list[str]) -> int:
+        """Samples held by the given shards, which must all be listed in this manifest."""
+        return sum(self.sample_counts(shard_paths))
 
     def label_problem(self, label_key: str) -> str | None:
         """Why the samples hold no label where `label_key` looks (empty: `.cls`), or None when they do or the

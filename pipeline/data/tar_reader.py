@@ -107,8 +107,7 @@ class _StreamReader:
     def read(self, size: int) -> bytes:
         return self.fileobj.read(size)
 
-    def member(self, size: int) -> bytes:
-        return self.fileobj.read(size)
+    member = read
 
 
 class _ScanningReader:
@@ -255,21 +254,20 @@ def rows_to_block(rows: list[dict]) -> pa.Table:
 def count_samples(fs: pafs.FileSystem, path: str) -> int:
     """Samples in one shard, from its tar headers (member data are not read), counted as `iter_tar_samples`
     yields them: every key, and at a break the key being read only if it has its image and label already."""
-    count, key, suffixes = 0, None, set()
+    count, row = 0, None
     with fs.open_input_file(path) as f:
         try:
             for name in iter_tar_names(f):
-                member_key, suffix = split_member_name(name)
-                if member_key is None:
+                key, suffix = split_member_name(name)
+                if key is None:
                     continue
-                if member_key != key:
-                    count += key is not None
-                    key, suffixes = member_key, set()
-                suffixes.add(suffix.lower())
+                if row is None or key != row["__key__"]:
+                    count += row is not None
+                    row = _empty_row(key, path)
+                _add_member(row, suffix.lower(), b"")  # present, its data unread
         except tarfile.TarError:
-            has_label = "cls" in suffixes or "json" in suffixes
-            return count + (key is not None and has_label and bool(suffixes & set(IMAGE_SUFFIXES)))
-    return count + (key is not None)
+            return count + (row is not None and _has_image_and_label(row))
+    return count + (row is not None)
 
 
 @dataclass
@@ -282,7 +280,7 @@ def first_sample_members(fs: pafs.FileSystem, path: str) -> SampleMembers:
     """What a shard's first sample holds, read from the start of the shard only."""
     members: dict[str, bytes] = {}
     first_key = None
-    with fs.open_input_stream(path, buffer_size=1 << 20) as f:  # unbuffered, each read is a request
+    with fs.open_input_stream(path, buffer_size=1 << 20) as f:  # unbuffered, each small read would be a request
         try:
             for name, data in iter_tar_members(f):
                 key, suffix = split_member_name(name)

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.data.bad_samples import BadSamplePolicy
 from pipeline.data.datasets import build_image_dataset
@@ -58,12 +57,8 @@ class ShardCatalog:
         if manifest is None:
             raise FileNotFoundError(f"no manifest beside {paths[0]}: training needs the sample count of every "
                                     "shard; write one with `python jobs/make_shards.py --source shards:PATTERN`")
-        counts = {shard.name: shard.num_samples for shard in manifest.shards}
-        missing = [path for path in paths if storage.basename(path) not in counts]
-        if missing:
-            raise ValueError(f"{len(missing)} shards are not in their manifest, e.g. {missing[0]}")
         self.paths = paths
-        self.counts = {path: counts[storage.basename(path)] for path in paths}
+        self.counts = dict(zip(paths, manifest.sample_counts(paths), strict=True))
         self.classes = manifest.classes
         self.manifest = manifest
 

@@ -14,7 +14,7 @@ import math
 import os
 import pickle
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 import torch
@@ -37,7 +37,6 @@ class InitSource:
     state_dict: dict[str, torch.Tensor]
     parent_run_id: str = ""  # the pretrain run, for runs:/ specs and checkpoints that name theirs
     img_size: int = 0  # resolution the weights were trained at; 0 when it cannot be told
-    config: dict = field(default_factory=dict)  # config.json of the source checkpoint, when there is one
 
 
 @dataclass
@@ -89,7 +88,7 @@ def locate_init(spec: str, tracking_uri: str) -> InitSource:
             shutil.rmtree(copy, ignore_errors=True)
     img_size = img_size or int(config.get("model_args", {}).get("img_size", 0)) or _trained_img_size(state)
     return InitSource(spec=spec, state_dict=state, parent_run_id=parent_run_id or config.get("mlflow_run_id", ""),
-                      img_size=img_size, config=config)
+                      img_size=img_size)
 
 
 def _local_weights_file(spec: str) -> tuple[str, str | None]:

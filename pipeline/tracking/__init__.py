@@ -1,6 +1,8 @@
 """MLflow tracking: where runs are stored, how they are created and tagged, step metrics, curves.
 
-- resolve_tracking_uri, check_tracking_reachable (runs): an absolute store, checked before Ray starts.
+- resolve_tracking_uri, check_tracking_reachable, artifact_root_for (store): an absolute store and its artifact
+  root, checked before Ray starts.
+- flatten_params, lineage_tags (run_record): a run's config as flat params, and its lineage tags.
 - start_job_run, log_run_artifacts, finish_run (runs): the driver's side of a run, with lineage tags.
 - child_run_ids (runs): the runs made from a run, through their pipeline.parent_run_id tag.
 - MetricLogger (metrics): rank 0's step metrics, batched off the training thread, kept through outages.
@@ -8,16 +10,13 @@
 """
 
 from pipeline.tracking.metrics import MetricLogger
-from pipeline.tracking.runs import (
+from pipeline.tracking.run_record import flatten_params
+from pipeline.tracking.runs import child_run_ids, finish_run, log_run_artifacts, start_job_run
+from pipeline.tracking.store import (
     TrackingUnavailable,
     artifact_root_for,
     check_tracking_reachable,
-    child_run_ids,
-    finish_run,
-    flatten_params,
-    log_run_artifacts,
     resolve_tracking_uri,
-    start_job_run,
 )
 
 __all__ = [

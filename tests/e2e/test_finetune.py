@@ -16,7 +16,8 @@ from safetensors import safe_open
 from pipeline.config import ConfigError, load_job_config
 from pipeline.tracking.compare import compare_runs
 from pipeline.tracking.lineage import latest_pretrain_run_id
-from pipeline.tracking.runs import child_run_ids, resolve_tracking_uri
+from pipeline.tracking.runs import child_run_ids
+from pipeline.tracking.store import resolve_tracking_uri
 from pipeline.train.launch import resolve_init
 
 pytestmark = pytest.mark.e2e

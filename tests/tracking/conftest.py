@@ -1,4 +1,5 @@
-"""A real `mlflow server` on a free local port, shared by the tracking tests, stoppable and restartable by PID."""
+"""A real `mlflow server` on a free local port, shared by the tracking tests, stoppable and restartable by PID;
+sqlite stores; a nested job config."""
 
 from __future__ import annotations
 
@@ -154,3 +155,14 @@ def any_store(request) -> str:
     if request.param == "server":
         return request.getfixturevalue("server").uri
     return request.getfixturevalue("sqlite_uri")
+
+
+@pytest.fixture
+def job_config() -> dict:
+    """A nested job config like the pipeline's (14 params once flattened), built afresh for each test."""
+    return {
+        "model": {"preset": "tiny", "img_size": 32, "patch_size": 4, "drop_path": 0.0},
+        "optim": {"lr": 3e-4, "betas": (0.9, 0.999), "layer_decay": None},
+        "data": {"train": "data/digits/train-{000000..000003}.tar", "mean": [0.5, 0.5, 0.5]},
+        "train": {"steps": 600, "zero_stage": 2, "bf16": False},
+    }

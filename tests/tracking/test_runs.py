@@ -1,202 +1,39 @@
-"""Store resolution, reachability checks, params, runs with lineage tags, artifacts: sqlite and a real server."""
+"""Runs with params and lineage tags, their children, their end, their artifacts: sqlite and a real server."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import subprocess
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from pipeline.tracking import runs
-from pipeline.tracking.runs import (
-    TrackingUnavailable,
-    artifact_root_for,
-    check_tracking_reachable,
-    child_run_ids,
-    finish_run,
-    flatten_params,
-    log_run_artifacts,
-    resolve_tracking_uri,
-    start_job_run,
-)
+from pipeline.tracking.run_record import flatten_params
+from pipeline.tracking.runs import child_run_ids, finish_run, log_run_artifacts, start_job_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-CONFIG = {
-    "model": {"preset": "tiny", "img_size": 32, "patch_size": 4, "drop_path": 0.0},
-    "optim": {"lr": 3e-4, "betas": (0.9, 0.999), "layer_decay": None},
-    "data": {"train": "data/digits/train-{000000..000003}.tar", "mean": [0.5, 0.5, 0.5]},
-    "train": {"steps": 600, "zero_stage": 2, "bf16": False},
-}
-
-
-@pytest.fixture
-def no_tracking_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(runs.HOME_ENV, raising=False)
 
 
 def _unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-# ---- where the store is -----------------------------------------------------------------------------
-
-
-def test_default_store_is_absolute_sqlite_in_cwd(tmp_path, monkeypatch, no_tracking_env):
-    monkeypatch.chdir(tmp_path)
-    uri = resolve_tracking_uri()
-    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert uri.startswith("sqlite:////")  # SQLAlchemy's absolute form
-    assert artifact_root_for(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
-
-
-def test_explicit_uri_wins_over_env_and_env_over_default(tmp_path, monkeypatch, no_tracking_env):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    assert resolve_tracking_uri() == "http://tracking.example:5000"
-    assert resolve_tracking_uri("http://127.0.0.1:5001") == "http://127.0.0.1:5001"
-    assert artifact_root_for("http://127.0.0.1:5001") is None  # the server decides
-    assert resolve_tracking_uri("databricks") == "databricks"  # a bare remote name, not a folder
-
-
-def test_pipeline_home_sets_the_default_folder(tmp_path, monkeypatch, no_tracking_env):
-    monkeypatch.setenv(runs.HOME_ENV, str(tmp_path / "home"))
-    assert resolve_tracking_uri() == f"sqlite:///{(tmp_path / 'home').resolve()}/mlflow.db"
-
-
-def test_relative_sqlite_and_plain_folders_are_made_absolute(tmp_path, monkeypatch, no_tracking_env):
-    monkeypatch.chdir(tmp_path)
-    cwd = tmp_path.resolve()
-    assert resolve_tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{cwd}/runs/mlflow.db"
-    assert resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
-    assert resolve_tracking_uri("mlruns") == (cwd / "mlruns").as_uri()
-    assert resolve_tracking_uri("./a/../mlruns") == (cwd / "mlruns").as_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert resolve_tracking_uri() == f"sqlite:///{cwd}/env.db"
-
-
-def test_ray_job_working_dir_puts_the_default_store_in_home(tmp_path, monkeypatch, no_tracking_env):
-    ray_copy = tmp_path / "ray/session_2026-11-26_08-00-00_1/runtime_resources/working_dir_files/_ray_pkg_3f9a"
-    ray_copy.mkdir(parents=True)
-    monkeypatch.setenv("HOME", str(tmp_path / "user"))
-    monkeypatch.chdir(ray_copy)
-    assert runs.in_ray_job_working_dir()
-    expected = (tmp_path / "user" / ".vit-pipeline" / "mlflow.db").resolve()
-    assert resolve_tracking_uri() == f"sqlite:///{expected}"
-    monkeypatch.setenv(runs.HOME_ENV, str(tmp_path / "shared"))  # an explicit home still wins
-    assert resolve_tracking_uri() == f"sqlite:///{(tmp_path / 'shared').resolve()}/mlflow.db"
-    monkeypatch.chdir(tmp_path)
-    assert not runs.in_ray_job_working_dir()
-
-
-def test_relative_default_store_is_created_at_its_absolute_path(tmp_path, monkeypatch, no_tracking_env):
-    """The one test that lets MLflow create a store from nothing (its migrations take ~5 s)."""
-    monkeypatch.chdir(tmp_path)
-    uri = resolve_tracking_uri()
-    check_tracking_reachable(uri)
-    run_id = start_job_run(uri=uri, experiment="default-rule", run_name="r", job="pretrain", config=CONFIG)
-    monkeypatch.chdir(tmp_path.parent)  # results must not depend on the cwd any more
-    assert (tmp_path / "mlflow.db").is_file()
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("default-rule")
-    assert experiment.artifact_location == (tmp_path.resolve() / "mlartifacts" / "default-rule").as_uri()
-    assert client.get_run(run_id).info.artifact_uri.startswith(experiment.artifact_location + "/")
-    assert client.get_run(run_id).data.params["model.img_size"] == "32"
-
-
-# ---- reachability -----------------------------------------------------------------------------------
-
-
-def test_dead_server_port_raises_one_clear_line_quickly(dead_uri):
-    uri = dead_uri
-    started = time.monotonic()
-    with pytest.raises(TrackingUnavailable) as raised:
-        check_tracking_reachable(uri, timeout_s=5)
-    assert time.monotonic() - started < 2.0
-    message = str(raised.value)
-    assert "\n" not in message
-    assert uri in message
-    assert "not reachable" in message and "mlflow server" in message and "MLFLOW_TRACKING_URI" in message
-
-
-def test_live_server_is_reachable(server):
-    check_tracking_reachable(server.uri, timeout_s=5)
-    check_tracking_reachable(server.uri + "/", timeout_s=5)
-
-
-def test_sqlite_folder_is_created_or_reported(tmp_path):
-    uri = f"sqlite:///{tmp_path}/new/deeper/mlflow.db"
-    check_tracking_reachable(uri)
-    assert (tmp_path / "new" / "deeper").is_dir()
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    with pytest.raises(TrackingUnavailable) as raised:
-        check_tracking_reachable(f"sqlite:///{blocker}/sub/mlflow.db")
-    assert str(blocker) in str(raised.value) and "\n" not in str(raised.value)
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_sqlite_folder_is_reported(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(TrackingUnavailable, match="not writable"):
-        check_tracking_reachable(f"sqlite:///{locked}/mlflow.db")
-
-
-# ---- params -----------------------------------------------------------------------------------------
-
-
-def test_flatten_params_nests_lists_and_truncates():
-    flat = flatten_params({**CONFIG, "notes": "x" * (MAX_PARAM_VAL_LENGTH + 500), "empty": {}})
-    assert flat["model.img_size"] == "32"
-    assert flat["model.drop_path"] == "0.0"
-    assert flat["optim.lr"] == "0.0003"
-    assert flat["optim.betas"] == "[0.9,0.999]"
-    assert flat["optim.layer_decay"] == "None"
-    assert flat["data.mean"] == "[0.5,0.5,0.5]"
-    assert flat["train.bf16"] == "False"
-    assert flat["empty"] == "{}"
-    assert len(flat["notes"]) == MAX_PARAM_VAL_LENGTH and flat["notes"].endswith("...")
-    assert len(flat) == 14
-    assert flatten_params({"a": 1}, prefix="job") == {"job.a": "1"}
-
-
-def test_flatten_params_takes_dataclasses():
-    @dataclass
-    class Model:
-        img_size: int = 32
-        depths: tuple[int, ...] = (2, 2)
-
-    @dataclass
-    class Job:
-        model: Model = field(default_factory=Model)
-        name: str = "pretrain"
-
-    assert flatten_params(Job()) == {"model.img_size": "32", "model.depths": "[2,2]", "name": "pretrain"}
-
-
 # ---- runs -------------------------------------------------------------------------------------------
 
 
-def test_start_job_run_logs_params_and_lineage_tags(any_store):
+def test_start_job_run_logs_params_and_lineage_tags(any_store, job_config):
     experiment = _unique("vit-test")
-    parent = start_job_run(uri=any_store, experiment=experiment, run_name="pre", job="pretrain", config=CONFIG)
+    parent = start_job_run(uri=any_store, experiment=experiment, run_name="pre", job="pretrain", config=job_config)
     child = start_job_run(
         uri=any_store,
         experiment=experiment,
         run_name="ft",
         job="finetune",
-        config={**CONFIG, "model": {**CONFIG["model"], "img_size": 64}},
+        config={**job_config, "model": {**job_config["model"], "img_size": 64}},
         parent_run_id=parent,
         extra_tags={"pipeline.init_from": f"runs:/{parent}"},
     )
@@ -205,7 +42,7 @@ def test_start_job_run_logs_params_and_lineage_tags(any_store):
     run = client.get_run(child)
     assert run.info.status == "RUNNING"
     assert run.info.run_name == "ft"
-    assert run.data.params == flatten_params({**CONFIG, "model": {**CONFIG["model"], "img_size": 64}})
+    assert run.data.params == flatten_params({**job_config, "model": {**job_config["model"], "img_size": 64}})
     assert run.data.params["model.img_size"] == "64"
     tags = run.data.tags
     assert tags["pipeline.job"] == "finetune"
@@ -251,13 +88,6 @@ def test_more_params_than_one_request_holds(sqlite_uri):
     run_id = start_job_run(uri=sqlite_uri, experiment="wide", run_name="r", job="pretrain", config=config)
     params = MlflowClient(tracking_uri=sqlite_uri).get_run(run_id).data.params
     assert len(params) == 250 and params["grid.p249"] == "249"
-
-
-def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
-    monkeypatch.delenv(runs.GIT_COMMIT_ENV, raising=False)
-    assert runs.git_commit(tmp_path) == "unknown"
-    monkeypatch.setenv(runs.GIT_COMMIT_ENV, "0123456789abcdef0123456789abcdef01234567")
-    assert runs.git_commit(tmp_path) == "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_finish_run_rejects_unknown_status(sqlite_uri):

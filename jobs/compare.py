@@ -12,7 +12,7 @@ import sys
 
 from pipeline.config import TrackingConfig
 from pipeline.tracking.compare import CompareError, compare_runs, format_table, plot_comparison
-from pipeline.tracking.runs import resolve_tracking_uri
+from pipeline.tracking.store import resolve_tracking_uri
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,15 +17,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
 from pipeline.train.context import JobFailed
-from pipeline.train.launch import (
-    end_job,
-    parse_job_args,
-    prepare_init,
-    prepare_job,
-    resolve_init,
-    run_finetune,
-    start_ray,
-)
+from pipeline.train.launch import end_job, parse_job_args, run_job, start_ray
+from pipeline.train.resolved_job import resolve_job
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_finetune.yaml"
 
@@ -35,23 +28,22 @@ def main(argv=None) -> int:
                           sections="model/data/optim/train/tracking/finetune",
                           overrides_help="section.key=value overrides, and init_from=...")
     try:
-        job, source = resolve_init(load_job_config(args.config or DEMO_CONFIG, args.overrides))
-        job, inputs = prepare_job(job)
-        init = prepare_init(job, inputs, source)
+        run, init_state = resolve_job(load_job_config(args.config or DEMO_CONFIG, args.overrides), "finetune")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(job.to_yaml(), end="")
+        print(run.to_yaml(), end="")
         return 0
     start_ray(args.local_cpus)
     try:
-        result = run_finetune(job, inputs, init)
+        result = run_job(run, init_state)
     except JobFailed as err:
         return end_job(err)
-    print(f"\nMLflow run:      {result.run_id}  (experiment {job.tracking.experiment!r}), from "
-          f"{init.parent_run_id or job.init_from}")
-    print(f"resolution:      {init.source_img_size} -> {job.data.img_size} px"
+    init = run.init
+    print(f"\nMLflow run:      {result.run_id}  (experiment {run.job.tracking.experiment!r}), from "
+          f"{init.parent_run_id or init.spec}")
+    print(f"resolution:      {init.source_img_size} -> {run.job.data.img_size} px"
           f"{', new head' if init.reset_head else ''}")
     print(f"final val top-1: {result.metrics.get('last_val/top1', float('nan')):.4f}"
           + (f" (EMA {result.metrics['last_val_ema/top1']:.4f})" if "last_val_ema/top1" in result.metrics else "")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
 from pipeline.train.context import JobFailed
-from pipeline.train.launch import end_job, parse_job_args, prepare_job, run_job, start_ray
+from pipeline.train.launch import end_job, parse_job_args, run_job, start_ray
+from pipeline.train.resolved_job import resolve_job
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_pretrain.yaml"
 
@@ -28,21 +29,19 @@ def main(argv=None) -> int:
             from pipeline.data.shard_writer import ensure_digits_shards
 
             ensure_digits_shards(job.data.train, img_size=job.data.img_size)
-        if job.init_from:
-            raise ConfigError("init_from starts from pretrained weights: use jobs/finetune.py")
-        job, inputs = prepare_job(job)
+        run, _ = resolve_job(job, "pretrain")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(job.to_yaml(), end="")
+        print(run.to_yaml(), end="")
         return 0
     start_ray(args.local_cpus)
     try:
-        result = run_job(job, inputs, job_name="pretrain")
+        result = run_job(run)
     except JobFailed as err:
         return end_job(err)
-    print(f"\nMLflow run:      {result.run_id}  (experiment {job.tracking.experiment!r})")
+    print(f"\nMLflow run:      {result.run_id}  (experiment {run.job.tracking.experiment!r})")
     print(f"final val top-1: {result.metrics.get('last_val/top1', float('nan')):.4f} after "
           f"{result.metrics.get('step')} steps in {result.wall_time_s / 60:.1f} min")
     print(f"checkpoint:      {result.checkpoint_path}")

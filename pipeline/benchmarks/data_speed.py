@@ -97,16 +97,26 @@ def bench_config(img_size: int) -> DataConfig:
     return DataConfig(img_size=img_size, decode_num_cpus=1.0)
 
 
+def train_dataset(spec: str | list[str], cfg: DataConfig):
+    """The training input pipeline over `spec` as the trainer builds it: the shard set read once, a bad-sample
+    ledger actor, `build_image_dataset` (Ray must be up)."""
+    from pipeline.data.datasets import build_image_dataset
+    from pipeline.data.ledger import start_ledger
+    from pipeline.data.shard_set import read_shard_set
+
+    shards = read_shard_set(spec)
+    ledger = start_ledger(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
+    return build_image_dataset(shards, cfg, train=True, num_classes=len(shards.classes), ledger=ledger)
+
+
 def ray_pipeline(shards: list[str], img_size: int, batch_size: int, max_cpus: int | None = None):
     """(a): a callable that runs one epoch of our pipeline (Ray must be up) and returns images/s."""
     import ray
 
-    from pipeline.data.datasets import build_image_dataset
-
-    data = build_image_dataset(shards, bench_config(img_size), train=True)
+    dataset = train_dataset(shards, bench_config(img_size))
     if max_cpus is not None:
-        data.dataset.context.execution_options.resource_limits = ray.data.ExecutionResources(cpu=max_cpus)
-    return lambda: _iterate(data.dataset.iter_torch_batches(batch_size=batch_size, device="cpu"))
+        dataset.context.execution_options.resource_limits = ray.data.ExecutionResources(cpu=max_cpus)
+    return lambda: _iterate(dataset.iter_torch_batches(batch_size=batch_size, device="cpu"))
 
 
 def webdataset_loader(shards: list[str], cores: int, img_size: int, batch_size: int):
@@ -201,12 +211,9 @@ def peak_memory_mib(shards: list[str], ray_cpus: int, img_size: int, batch_size:
 def _one_epoch(shards: list[str], ray_cpus: int, img_size: int, batch_size: int) -> None:
     import ray
 
-    from pipeline.data.datasets import build_image_dataset
-
     ray.init(num_cpus=ray_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    data = build_image_dataset(shards, bench_config(img_size), train=True)
-    _iterate(data.dataset.iter_torch_batches(batch_size=batch_size, device="cpu"))
+    _iterate(train_dataset(shards, bench_config(img_size)).iter_torch_batches(batch_size=batch_size, device="cpu"))
     ray.shutdown()
 
 

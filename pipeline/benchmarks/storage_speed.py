@@ -50,12 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def data_epoch(spec: str, args: argparse.Namespace) -> float:
     """Images/s of one epoch of the training input pipeline over `spec`."""
-    from pipeline.benchmarks.data_speed import _iterate
+    from pipeline.benchmarks.data_speed import _iterate, train_dataset
     from pipeline.config import DataConfig
-    from pipeline.data.datasets import build_image_dataset
 
-    data = build_image_dataset(spec, DataConfig(img_size=args.img_size), train=True)
-    return _iterate(data.dataset.iter_torch_batches(batch_size=args.batch_size, device="cpu"))
+    dataset = train_dataset(spec, DataConfig(img_size=args.img_size))
+    return _iterate(dataset.iter_torch_batches(batch_size=args.batch_size, device="cpu"))
 
 
 def pretrain(spec: str, workdir: str, args: argparse.Namespace) -> float:
@@ -64,17 +63,18 @@ def pretrain(spec: str, workdir: str, args: argparse.Namespace) -> float:
     from mlflow import MlflowClient
 
     from pipeline.config import load_job_config
-    from pipeline.train.launch import prepare_job, run_job
+    from pipeline.train.launch import run_job
+    from pipeline.train.resolved_job import resolve_job
 
     config = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "digits_pretrain.yaml"
     uri = f"sqlite:///{workdir}/mlflow.db"
-    job, inputs = prepare_job(load_job_config(config, [
+    run, _ = resolve_job(load_job_config(config, [
         f"data.train={spec}", "data.val=", f"data.img_size={args.img_size}", "data.hflip=0.5",
         f"train.steps={args.pretrain_steps}", f"train.global_batch_size={args.batch_size}",
         f"train.log_every_n_steps={args.log_every}", "train.eval_every_n_steps=0",
         "train.checkpoint_every_n_steps=0", f"train.storage_path={workdir}/runs", f"tracking.uri={uri}",
-        "tracking.experiment=storage-bench", "tracking.log_weights=false"]))
-    result = run_job(job, inputs, job_name="pretrain")
+        "tracking.experiment=storage-bench", "tracking.log_weights=false"]), "pretrain")
+    result = run_job(run)
     windows = sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(result.run_id,
                                                                                    "train/images_per_s"))
     return statistics.mean(value for _, value in windows[1:])

@@ -1,9 +1,11 @@
-"""Images in, uint8 batches out: shard writing, Ray Data reading, decode and augment, bad-sample policy.
+"""Images in, uint8 batches out: shard writing, the shard plan, Ray Data reading, decode and augment, bad samples.
 
     make_shards (shard_writer, sources) ─► {split}-NNNNNN.tar + {split}.manifest.json (manifest)
     index_shards (shard_writer) ─► the manifest of shards already made (img2dataset's 00000.tar …)
-    expand_shards (shard_specs): lists, globs, brace patterns, folders -> shard locations, URIs kept
+    read_shard_set (shard_set): a spec's shards (shard_specs), their counts and classes, read once on the driver
+    plan_epoch, ShardTally (epochs): an epoch's shard order and step count, the shards consumed for a resume
     build_image_dataset (datasets) = WebDatasetShards (tar_reader) ─► map_batches(decode_batch) (transforms, decode)
-    WorkerBatches (worker_batches): exactly steps_per_epoch batches per Train worker per epoch
-    BadSampleLedger (bad_samples): skipped samples counted, reported, and fatal above data.max_bad_fraction
+    LocalImageStream (local_stream): the same rows and decode in one process, without Ray
+    WorkerBatches (worker_batches): exactly the epoch's step count of batches per Train worker
+    LocalLedger (bad_samples), RayLedger (ledger): skipped samples counted, and fatal above data.max_bad_fraction
 """

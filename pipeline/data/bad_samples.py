@@ -1,13 +1,14 @@
 """Bad samples are skipped and counted, never fatal one by one, and fatal in bulk.
 
 Design: the decode stage drops bad rows, so nothing downstream of it can count them. Every decode call
-therefore reports how many rows it saw and which were bad (with shard/key examples) to one small named
-actor per dataset, `BadSampleLedger`. The call is synchronous, one per batch of `decode_batch_size` rows
-(about a millisecond against hundreds of milliseconds of decoding), so the ledger is exact whenever the
-consumer has received a batch, and each decode call sees the running totals and stops the job itself when
-the bad fraction crosses the limit: the error then reaches whoever consumes the dataset (a Train worker,
-an eval loop, a benchmark) with the counts and up to five examples. Train workers look the ledger up by
-name to log the counts as metrics (worker_batches.py).
+therefore reports how many rows it saw and which were bad (with shard/key examples) to the dataset's
+ledger: on Ray one small named actor per dataset (ledger.py), in one process a `LocalLedger`. The call is
+synchronous, one per batch of `decode_batch_size` rows (about a millisecond against hundreds of
+milliseconds of decoding), so the ledger is exact whenever the consumer has received a batch, and each
+decode call sees the running totals and stops the job itself when the bad fraction crosses the limit: the
+error then reaches whoever consumes the dataset (a Train worker, an eval loop, a benchmark) with the counts
+and up to five examples. Both ledgers have the same three methods: `record` (what a decode call saw; raises
+TooManyBadSamples over the limit), `report` (the totals, which Train workers log as metrics) and `check`.
 
 Counting in-band (count columns riding along with the good rows) was rejected: a decode batch whose rows
 are all bad has no row to carry its counts, and rows cut by drop_last or the equal split lose theirs.
@@ -15,10 +16,7 @@ are all bad has no row to carry its counts, and rows cut by drop_last or the equ
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
-
-import ray
 
 UNDECODABLE = "undecodable"  # the image bytes do not decode
 BAD_LABEL = "bad_label"  # label member missing, unparsable or out of range
@@ -73,47 +71,6 @@ class BadSampleReport:
                 f"Examples: {examples}")
 
 
-@ray.remote(num_cpus=0)
-class BadSampleLedger:
-    """Running totals of one dataset's bad samples, shared by all its decode tasks and readers."""
-
-    def __init__(self):
-        self.report = BadSampleReport()
-
-    def record(self, seen: int, bad: dict[str, int], examples: list[str]) -> BadSampleReport:
-        self.report.seen += seen
-        for reason, n in bad.items():
-            self.report.bad[reason] = self.report.bad.get(reason, 0) + n
-        room = MAX_EXAMPLES - len(self.report.examples)
-        self.report.examples.extend(examples[:max(room, 0)])
-        return self.report
-
-    def get(self) -> BadSampleReport:
-        return self.report
-
-
-@dataclass(frozen=True)
-class BadSamplePolicy:
-    """What the decode stage needs to report bad samples and enforce the limit.
-
-    It holds the ledger's handle, which keeps the actor alive for as long as the dataset that carries it.
-    """
-
-    ledger_name: str
-    max_bad_fraction: float
-    min_samples: int
-    ledger: ray.actor.ActorHandle
-
-    def record(self, seen: int, bad: dict[str, int], examples: list[str]) -> BadSampleReport:
-        """Add one decode call's counts, then raise TooManyBadSamples if the running totals cross the limit."""
-        report = ray.get(self.ledger.record.remote(seen, bad, examples))
-        self.check(report)
-        return report
-
-    def check(self, report: BadSampleReport) -> None:
-        check_bad_fraction(report, self.max_bad_fraction, self.min_samples)
-
-
 def check_bad_fraction(report: BadSampleReport, max_bad_fraction: float, min_samples: int) -> None:
     """Raise TooManyBadSamples, with the counts and examples, when `report` is over the limit."""
     if report.exceeds(max_bad_fraction, min_samples):
@@ -122,24 +79,30 @@ def check_bad_fraction(report: BadSampleReport, max_bad_fraction: float, min_sam
             f"{max_bad_fraction} (checked after data.min_samples_for_bad_check={min_samples}).")
 
 
-def build_ledger(max_bad_fraction: float, min_samples: int, name: str | None = None) -> BadSamplePolicy:
-    """Start a ledger actor (owned by the calling driver) and return the policy that points at it."""
-    name = name or f"bad-samples-{uuid.uuid4().hex[:12]}"
-    ledger = BadSampleLedger.options(name=name).remote()
-    return BadSamplePolicy(ledger_name=name, max_bad_fraction=max_bad_fraction, min_samples=min_samples,
-                           ledger=ledger)
+class LocalLedger:
+    """The ledger of a dataset decoded in this process (`LocalContext`): the same counts, no Ray."""
+
+    def __init__(self, max_bad_fraction: float, min_samples: int):
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = min_samples
+        self.totals = BadSampleReport()
+
+    def record(self, seen: int, bad: dict[str, int], examples: list[str]) -> BadSampleReport:
+        add_counts(self.totals, seen, bad, examples)
+        self.check()
+        return self.totals
+
+    def report(self) -> BadSampleReport:
+        return self.totals
+
+    def check(self) -> None:
+        check_bad_fraction(self.totals, self.max_bad_fraction, self.min_samples)
 
 
-def read_ledger(ledger_name: str) -> BadSampleReport:
-    """Current totals, from any process of the same Ray job (driver, Train worker, task)."""
-    return ray.get(ray.get_actor(ledger_name).get.remote())
-
-
-def check_ledger(ledger_name: str, max_bad_fraction: float, min_samples: int) -> None:
-    """Raise TooManyBadSamples if the ledger's totals are over the limit; a ledger that is gone (its owner
-    died) says nothing."""
-    try:
-        report = read_ledger(ledger_name)
-    except (ValueError, ray.exceptions.RayError):  # ray.get_actor raises ValueError for an unknown name
-        return
-    check_bad_fraction(report, max_bad_fraction, min_samples)
+def add_counts(report: BadSampleReport, seen: int, bad: dict[str, int], examples: list[str]) -> None:
+    """Add one decode call's counts and examples to running totals."""
+    report.seen += seen
+    for reason, n in bad.items():
+        report.bad[reason] = report.bad.get(reason, 0) + n
+    room = MAX_EXAMPLES - len(report.examples)
+    report.examples.extend(examples[:max(room, 0)])

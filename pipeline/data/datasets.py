@@ -1,75 +1,85 @@
-"""Dataset builders: shard spec + DataConfig -> a Ray Dataset of uint8 images and int64 labels.
+"""The Ray Data side of reading: a `ShardSet` + DataConfig -> a Ray Dataset of uint8 images and int64 labels.
 
-    shards ─ WebDatasetShards (raw bytes; per-epoch seeded shard order) ─ map_batches(decode_batch) ─► rows
+    ShardSet ─ WebDatasetShards (raw rows; per-epoch seeded shard order) ─ map_batches(decode_batch) ─► rows
                                                                           CPU tasks, anywhere in the cluster, or
                                                                           only on nodes with data.decode_resources
 
-The result also carries what a driver needs to start training: the sample count from the manifest (for
-`steps_per_epoch`), the class names, and the bad-sample policy whose ledger name the Train workers use.
+Why not `ray.data.read_webdataset` itself: it parses each tar with `tarfile` inside the read task, so a
+truncated tar raises `tarfile.ReadError` and fails the task, and with it every good sample that task already
+read (`DataContext.max_errored_blocks` drops them as well). `WebDatasetShards` is a small
+`FileBasedDatasource` over our tar reader (tar_reader.py), which keeps every sample read before a break and
+emits one marker row that the decode stage counts as a bad sample. Listing, pyarrow filesystems, file-level
+shuffling and read-task sizing stay Ray's.
+
+The same rows and the same `decode_batch` run without Ray in `local_stream.py`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
+from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
-from pipeline import storage
 from pipeline.config import DataConfig
-from pipeline.data.bad_samples import BadSamplePolicy, BadSampleReport, build_ledger, read_ledger
-from pipeline.data.manifest import find_manifest, steps_per_epoch
-from pipeline.data.shard_specs import expand_shards
-from pipeline.data.tar_reader import read_shards
+from pipeline.data.shard_set import ShardSet
+from pipeline.data.tar_reader import ROWS_PER_BLOCK, iter_tar_samples, rows_to_block
+from pipeline.internals import start_epochs_at_full_width
 
 log = logging.getLogger(__name__)
-
-LIMITS_REFRESH_S = 0.1
-
-
-def start_epochs_at_full_width() -> None:
-    """Let every execution of a dataset (every epoch) start as many decode tasks as the cluster holds at once.
-
-    Ray Data 2.60 learns an execution's resource limits from its autoscaling coordinator actor, with a
-    non-blocking poll that it repeats once a second. The first poll of each execution has no reply yet, so for
-    its first second the executor runs a single task, however many CPUs there are. Polling every 0.1 s ends
-    that after 0.1 s: +4-7 % images/s on the data benchmark's 4,000 images (docs/benchmarks.md, "Data
-    loading"). Ray offers no setting for it, so this lowers the interval on Ray Data's resource manager class. It runs
-    where datasets execute: on import of this module, which the driver and Ray Data's split coordinators (they
-    unpickle `decode_batch`) both do. On a Ray without that class or attribute it does nothing.
-    """
-    try:
-        from ray.data._internal.execution.resource_manager import ResourceManager
-    except ImportError:  # pragma: no cover - depends on the Ray release
-        return
-    if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > LIMITS_REFRESH_S:
-        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_REFRESH_S
-
 
 start_epochs_at_full_width()
 
 
 @dataclass
-class ImageDataset:
-    dataset: ray.data.Dataset  # columns: image uint8 (3, S, S), label int64
-    shard_paths: list[str]  # locations: URIs with their scheme, or absolute local paths
-    num_samples: int | None  # samples in the shards per the manifest; None without a manifest
-    classes: list[str]
-    num_classes: int
-    policy: BadSamplePolicy
+class EpochShardOrder(FileShuffleConfig):
+    """Shard files of epoch e are read in the permutation seeded with `seed + first_epoch + e`
+    (epochs.shard_order draws the same).
 
-    @property
-    def ledger_name(self) -> str:
-        return self.policy.ledger_name
+    Ray calls `get_seed` with the dataset's execution index, which advances once per completed epoch;
+    `first_epoch` lets a resumed run continue the sequence instead of repeating epoch 0's order.
+    """
 
-    def bad_samples(self) -> BadSampleReport:
-        return read_ledger(self.policy.ledger_name)
+    first_epoch: int = 0
 
-    def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
-        if self.num_samples is None:
-            raise ValueError(f"no manifest beside {self.shard_paths[0]}, so the epoch size is unknown; write one "
-                             "with `python jobs/make_shards.py --source shards:PATTERN`")
-        return steps_per_epoch(self.num_samples, world_size, batch_size)
+    def get_seed(self, execution_idx: int = 0) -> int | None:
+        if self.seed is None:
+            return None
+        return self.seed + self.first_epoch + execution_idx
+
+
+class WebDatasetShards(FileBasedDatasource):
+    """Webdataset tars -> blocks of `rows_per_block` rows of ROW_SCHEMA, never failing on a broken tar."""
+
+    def __init__(self, paths, *, rows_per_block: int = ROWS_PER_BLOCK, **file_based_datasource_kwargs):
+        super().__init__(paths, **file_based_datasource_kwargs)
+        self.rows_per_block = rows_per_block
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        rows: list[dict] = []
+        for row in iter_tar_samples(f, path):
+            rows.append(row)
+            if len(rows) >= self.rows_per_block:
+                yield rows_to_block(rows)
+                rows = []
+        if rows:
+            yield rows_to_block(rows)
+
+
+def read_shards(paths: list[str], filesystem, *, seed: int | None, first_epoch: int = 0,
+                rows_per_block: int = ROWS_PER_BLOCK, override_num_blocks: int | None = None,
+                num_cpus: float | None = None, resources: dict[str, float] | None = None,
+                concurrency: int | None = None) -> ray.data.Dataset:
+    """A dataset of raw rows; with `seed`, each epoch reads the shard files in a new seeded order.
+    `resources`: Ray custom resources each read task requests (to place it on data nodes)."""
+    shuffle = EpochShardOrder(seed=seed, first_epoch=first_epoch) if seed is not None else None
+    source = WebDatasetShards(paths, rows_per_block=rows_per_block, filesystem=filesystem, shuffle=shuffle,
+                              file_extensions=["tar"])
+    return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, num_cpus=num_cpus,
+                                    resources=resources, concurrency=concurrency)
 
 
 def decode_batch(batch: dict, **kwargs) -> dict:
@@ -81,28 +91,15 @@ def decode_batch(batch: dict, **kwargs) -> dict:
     return transforms.decode_batch(batch, **kwargs)
 
 
-def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, first_epoch: int = 0,
-                        shuffle_files: bool | None = None, num_classes: int | None = None,
-                        policy: BadSamplePolicy | None = None) -> ImageDataset:
-    """Train datasets shuffle shard files per epoch (seed cfg.shuffle_seed + epoch) and augment; eval
-    datasets read the shards in listing order with the deterministic centre crop.
-
-    `shuffle_files=False` reads a train dataset's shards in the given order (the trainer plans each epoch's
-    order itself); `num_classes` and `policy` replace the manifest's class count and a new ledger. Rows carry
-    `shard`, the index of their shard in `shard_paths`. The filesystem is resolved here, from the locations,
-    in whichever process builds the dataset.
-    """
-    cfg.validate()
-    uris = expand_shards(spec)
-    fs, paths = storage.resolve_many(uris)
-    manifest = find_manifest(uris)
-    num_samples = manifest.samples_in(uris) if manifest is not None else None
-    classes = manifest.classes if manifest is not None else []
-    num_classes = num_classes or cfg.num_classes or len(classes)
-    if manifest is None:
-        log.warning("no manifest beside %s: epoch size unknown, labels only checked to be >= 0 unless "
-                    "data.num_classes is set", uris[0])
-    policy = policy or build_ledger(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
+def build_image_dataset(shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger=None,
+                        shuffle_files: bool | None = None, first_epoch: int = 0) -> ray.data.Dataset:
+    """Columns `image` uint8 (3, S, S), `label` int64 and `shard` int32, the index of the row's shard in
+    `shards.uris`. Train datasets read the shards in a seeded permutation per epoch (seed
+    cfg.shuffle_seed + epoch) and augment; eval datasets read them in the set's order with the deterministic
+    centre crop. `shuffle_files=False` reads a train dataset's shards in the set's order (the trainer plans a
+    resumed epoch's order itself). Bad samples are reported to `ledger` (ledger.RayLedger). The filesystem is
+    resolved here, from the locations, in whichever process builds the dataset."""
+    fs, paths = shards.filesystem()
     shuffle = train if shuffle_files is None else shuffle_files
     # Ray fuses the read and the decode into one task per shard only if the read's blocks are not split
     # further (one read task per shard) and the decode takes whole blocks (batch_size=None; the reader's
@@ -114,9 +111,11 @@ def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, 
                       # equal resource requests and concurrency caps are conditions of fusion too
                       num_cpus=cfg.decode_num_cpus, resources=cfg.decode_resources or None,
                       concurrency=cfg.decode_concurrency or None)
-    dataset = raw.map_batches(
+    log.debug("%s data: %d shards, %s samples, %d classes", "train" if train else "eval", len(paths),
+              shards.num_samples, num_classes)
+    return raw.map_batches(
         decode_batch,
-        fn_kwargs={"cfg": cfg, "train": train, "num_classes": num_classes, "policy": policy,
+        fn_kwargs={"cfg": cfg, "train": train, "num_classes": num_classes, "ledger": ledger,
                    "shard_ids": {path: i for i, path in enumerate(paths)}},
         batch_size=None,
         batch_format="numpy",
@@ -124,19 +123,3 @@ def build_image_dataset(spec: str | list[str], cfg: DataConfig, *, train: bool, 
         resources=cfg.decode_resources or None,  # data.decode_resources: only nodes that carry them decode
         concurrency=cfg.decode_concurrency or None,
     )
-    log.info("%s data: %d shards, %s samples, %d classes", "train" if train else "eval", len(paths),
-             num_samples if num_samples is not None else "unknown", num_classes)
-    return ImageDataset(dataset=dataset, shard_paths=uris, num_samples=num_samples, classes=classes,
-                        num_classes=num_classes, policy=policy)
-
-
-def build_train_dataset(cfg: DataConfig, *, first_epoch: int = 0) -> ImageDataset:
-    if not cfg.train:
-        raise ValueError("data.train is empty: give the training shards (list, glob or brace pattern)")
-    return build_image_dataset(cfg.train, cfg, train=True, first_epoch=first_epoch)
-
-
-def build_eval_dataset(cfg: DataConfig) -> ImageDataset:
-    if not cfg.val:
-        raise ValueError("data.val is empty: give the evaluation shards (list, glob or brace pattern)")
-    return build_image_dataset(cfg.val, cfg, train=False)

@@ -3,10 +3,10 @@
 `{split}.manifest.json` sits beside `{split}-000000.tar …`, or beside img2dataset's `00000.tar …`, whose names
 carry no split (the indexer names the split). The shard writer writes it last and atomically (temporary name,
 then rename), so a folder with shards but no manifest is a dataset still being written, never a whole one.
-Readers use it to size an epoch: `steps_per_epoch` comes from the sample counts here, not from the stream, so
-every Train worker knows the step count before the first batch. It also records which members a sample has
-(`.cls`, `.json` and the `.json`'s keys), so that a job whose labels are not where it looks is stopped
-before it starts.
+Readers use it to size an epoch (pipeline/data/epochs.py): the step count comes from the sample counts here,
+not from the stream, so every Train worker knows it before the first batch. It also records which members a
+sample has (`.cls`, `.json` and the `.json`'s keys), so that a job whose labels are not where it looks is
+stopped before it starts (`ShardSet.label_problem`).
 """
 
 from __future__ import annotations
@@ -76,24 +76,6 @@ class Manifest:
                              "rewrite the manifest with `jobs/make_shards.py --source shards:PATTERN`")
         return [counts[storage.basename(p)] for p in shard_paths]
 
-    def samples_in(self, shard_paths: list[str]) -> int:
-        """Samples held by the given shards, which must all be listed in this manifest."""
-        return sum(self.sample_counts(shard_paths))
-
-    def label_problem(self, label_key: str) -> str | None:
-        """Why the samples hold no label where `label_key` looks (empty: `.cls`), or None when they do or the
-        manifest does not say (written before it recorded sample members)."""
-        if not self.sample_members:
-            return None
-        if not label_key and "cls" not in self.sample_members:
-            keys = f" (its keys: {', '.join(self.json_keys)})" if self.json_keys else ""
-            return (f"the samples have no .cls member (members: {', '.join(self.sample_members)}); set "
-                    f"data.label_key to the key of their .json that holds the label{keys}")
-        if label_key and self.json_keys and label_key not in self.json_keys:
-            return (f"data.label_key {label_key!r} is not a key of the samples' .json; its keys are "
-                    f"{', '.join(self.json_keys)}")
-        return None
-
 
 def manifest_name(split: str) -> str:
     return f"{split}.manifest.json"
@@ -146,10 +128,3 @@ def find_manifest(shard_uris: list[str]) -> Manifest | None:
         if any(shard.name == name for shard in manifest.shards):
             return manifest
     return None
-
-
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Full batches each worker runs per epoch; the remainder is dropped so that every rank runs the same count."""
-    if world_size < 1 or batch_size < 1:
-        raise ValueError(f"world_size ({world_size}) and batch_size ({batch_size}) must be >= 1")
-    return num_samples // (world_size * batch_size)

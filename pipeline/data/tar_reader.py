@@ -1,11 +1,8 @@
-"""Read webdataset tar shards into a Ray Dataset of raw bytes, tolerating truncated and broken tars.
+"""Read webdataset tar shards as rows of raw bytes, tolerating truncated and broken tars (no Ray here).
 
-Why not `ray.data.read_webdataset` itself: it parses each tar with `tarfile` inside the read task, so a
-truncated tar raises `tarfile.ReadError` and fails the task, and with it every good sample that task already
-read (`DataContext.max_errored_blocks` drops them as well). `WebDatasetShards` below is a small
-`FileBasedDatasource`, so listing, pyarrow filesystems, file-level shuffling and read-task sizing stay Ray's.
-Its stream reader only differs in what it does at the break: it keeps every sample read before it and emits
-one marker row (`read_error` set) that the decode stage counts as a bad sample.
+At a break the reader keeps every sample read before it and emits one marker row (`read_error` set) that
+the decode stage counts as a bad sample. Ray Data reads shards through it (datasets.WebDatasetShards), and so
+does the one-process reader (local_stream.py). Header-only scans count samples for the manifest.
 
 Rows have one fixed schema whatever the members are (see `ROW_SCHEMA`), so that blocks from shards with
 `.jpg` and shards with `.png` concatenate without column surprises. Decoding happens later, per sample, in
@@ -20,11 +17,8 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import ray
-from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 ROWS_PER_BLOCK = 64  # default rows per block, which is also rows per decode call (see datasets.py)
@@ -37,29 +31,6 @@ ROW_SCHEMA = pa.schema([
     ("json", pa.binary()),  # raw `.json` member, null when absent
     ("read_error", pa.string()),  # set only on the marker row of a truncated or unreadable tar
 ])
-
-
-@dataclass
-class EpochShardOrder(FileShuffleConfig):
-    """Shard files of epoch e are read in the permutation seeded with `seed + first_epoch + e`.
-
-    Ray calls `get_seed` with the dataset's execution index, which advances once per completed epoch;
-    `first_epoch` lets a resumed run continue the sequence instead of repeating epoch 0's order.
-    """
-
-    first_epoch: int = 0
-
-    def get_seed(self, execution_idx: int = 0) -> int | None:
-        if self.seed is None:
-            return None
-        return self.seed + self.first_epoch + execution_idx
-
-
-def shard_order(paths: list[str], seed: int, epoch: int) -> list[str]:
-    """The order in which epoch `epoch` reads `paths` under `EpochShardOrder(seed)` (same draws as Ray's)."""
-    order = list(paths)
-    np.random.default_rng(seed + epoch).shuffle(order)
-    return order
 
 
 def split_member_name(name: str) -> tuple[str | None, str]:
@@ -298,34 +269,3 @@ def first_sample_members(fs: pafs.FileSystem, path: str) -> SampleMembers:
     except ValueError:
         body = None
     return SampleMembers(suffixes=sorted(members), json_keys=sorted(body) if isinstance(body, dict) else [])
-
-
-class WebDatasetShards(FileBasedDatasource):
-    """Webdataset tars -> blocks of `rows_per_block` rows of ROW_SCHEMA, never failing on a broken tar."""
-
-    def __init__(self, paths, *, rows_per_block: int = ROWS_PER_BLOCK, **file_based_datasource_kwargs):
-        super().__init__(paths, **file_based_datasource_kwargs)
-        self.rows_per_block = rows_per_block
-
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        rows: list[dict] = []
-        for row in iter_tar_samples(f, path):
-            rows.append(row)
-            if len(rows) >= self.rows_per_block:
-                yield rows_to_block(rows)
-                rows = []
-        if rows:
-            yield rows_to_block(rows)
-
-
-def read_shards(paths: list[str], filesystem: pafs.FileSystem, *, seed: int | None, first_epoch: int = 0,
-                rows_per_block: int = ROWS_PER_BLOCK, override_num_blocks: int | None = None,
-                num_cpus: float | None = None, resources: dict[str, float] | None = None,
-                concurrency: int | None = None) -> ray.data.Dataset:
-    """A dataset of raw rows; with `seed`, each epoch reads the shard files in a new seeded order.
-    `resources`: Ray custom resources each read task requests (to place it on data nodes)."""
-    shuffle = EpochShardOrder(seed=seed, first_epoch=first_epoch) if seed is not None else None
-    source = WebDatasetShards(paths, rows_per_block=rows_per_block, filesystem=filesystem, shuffle=shuffle,
-                              file_extensions=["tar"])
-    return ray.data.read_datasource(source, override_num_blocks=override_num_blocks, num_cpus=num_cpus,
-                                    resources=resources, concurrency=concurrency)

@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
-from pipeline.data.bad_samples import MAX_EXAMPLES, NO_IMAGE, TRUNCATED_TAR, BadSample, BadSamplePolicy
+from pipeline.data.bad_samples import MAX_EXAMPLES, NO_IMAGE, TRUNCATED_TAR, BadSample
 from pipeline.data.decode import Box, decode_resized_crop, open_image, parse_label
 
 
@@ -63,12 +63,12 @@ def center_box(width: int, height: int, crop_pct: float) -> Box:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int,
-                 policy: BadSamplePolicy | None = None, seed: int | None = None,
+                 ledger=None, seed: int | None = None,
                  shard_ids: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Raw rows (tar_reader.ROW_SCHEMA) -> {"image": uint8 (N, 3, S, S), "label": int64 (N,)} of the good rows,
     plus "shard" int32 (N,), the index of each row's shard in `shard_ids`, when that is given.
 
-    Bad rows are dropped and reported to `policy` (which raises once too many are bad). `seed` fixes the
+    Bad rows are dropped and reported to `ledger` (bad_samples.py; it raises once too many are bad). `seed` fixes the
     augmentation draws of this batch; without it each call draws fresh entropy.
     """
     transform = ImageTransform(cfg, train)
@@ -95,8 +95,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, 
                 bad[e.reason] += 1
                 if len(examples) < MAX_EXAMPLES:
                     examples.append(f"{posixpath.basename(urls[i])}/{keys[i]} ({e})")
-    if policy is not None:
-        policy.record(len(keys), dict(bad), examples)
+    if ledger is not None:
+        ledger.record(len(keys), dict(bad), examples)
     out = {"image": images[:len(labels)].numpy(), "label": np.asarray(labels, dtype=np.int64)}
     if shard_ids is not None:
         out["shard"] = np.asarray([shard_ids[urls[i]] for i in good_rows], dtype=np.int32)

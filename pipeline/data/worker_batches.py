@@ -1,15 +1,15 @@
-"""Per-worker batches for Ray Train: exactly `steps_per_epoch` batches per epoch on every rank.
+"""Per-worker batches: exactly the epoch's step count of batches on every rank.
 
 A rank that runs one step fewer than the others hangs the job at the next collective, so the step count is
-fixed up front from the manifest (`ImageDataset.steps_per_epoch`: samples // (world_size * batch_size)) and
-this iterator holds every rank to it:
-- Ray Train hands each worker a `streaming_split(world_size, equal=True)` shard, so all ranks receive the
-  same number of rows whatever the shard sizes; `drop_last` then gives them the same number of full batches.
+fixed up front from the manifest (epochs.plan_epoch: samples // (world_size * batch_size)) and this iterator
+holds every rank to it:
+- Each worker reads a `streaming_split(world_size, equal=True)` stream, so all ranks receive the same number
+  of rows whatever the shard sizes; `drop_last` then gives them the same number of full batches.
 - Bad samples are dropped by the decode stage, so an epoch can come up a few batches short of the manifest's
   count (equally short on every rank, thanks to the equal split). The shortfall is filled by replaying the
-  epoch's most recent batches (the same tensors again: do not modify batches in place), and counted in
-  `padded_steps`.
-- Batches beyond `steps_per_epoch` (a manifest that undercounts) are read and discarded rather than cut off,
+  epoch's most recent batches (the same tensors again: do not modify batches in place), yielded as not
+  fresh and counted in `padded_steps`.
+- Batches beyond the step count (a manifest that undercounts) are read and discarded rather than cut off,
   so the split always finishes its epoch and the next epoch starts from a clean execution.
 
 Bad-sample counts come from the dataset's ledger (bad_samples.py) and are returned by `metrics()`.
@@ -24,7 +24,6 @@ from collections.abc import Iterator
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.bad_samples import read_ledger
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +31,14 @@ REPLAY_BATCHES = 8  # recent batches kept to fill a short epoch
 
 
 class WorkerBatches:
-    """Wraps one worker's dataset shard (`ray.train.get_dataset_shard(name)`); call `epoch()` once per epoch."""
+    """Wraps one worker's stream (Ray Data's split, or a `LocalImageStream`); call `epoch(steps)` once per
+    epoch."""
 
-    def __init__(self, shard, *, batch_size: int, steps_per_epoch: int, cfg: DataConfig, train: bool = True,
-                 ledger_name: str | None = None, device: str | torch.device = "auto"):
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch is {steps_per_epoch}: the dataset holds fewer samples than one "
-                             f"batch of {batch_size} per worker")
-        self.shard = shard
+    def __init__(self, stream, *, batch_size: int, cfg: DataConfig, train: bool = True, ledger=None,
+                 device: str | torch.device = "auto"):
+        self.stream = stream
         self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch
-        self.ledger_name = ledger_name
+        self.ledger = ledger
         self.device = device
         self.prefetch_batches = cfg.prefetch_batches
         # Ray requires the buffer to hold at least one batch.
@@ -51,38 +47,42 @@ class WorkerBatches:
         self.padded_steps = 0
         self.discarded_batches = 0
 
-    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields exactly steps_per_epoch batches of {"image": uint8 (B, 3, S, S), "label": int64 (B,)}."""
+    def epoch(self, steps: int) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        """Yields exactly `steps` (batch, fresh) pairs, batch = {"image": uint8 (B, 3, S, S), "label": int64
+        (B,), "shard": int32 (B,)}; fresh is False for a replayed batch."""
+        if steps < 1:
+            raise ValueError(f"the epoch has {steps} steps: the shards hold fewer samples than one batch of "
+                             f"{self.batch_size} per worker")
         recent: collections.deque = collections.deque(maxlen=REPLAY_BATCHES)
         yielded = 0
-        batches = self.shard.iter_torch_batches(
+        batches = self.stream.iter_torch_batches(
             batch_size=self.batch_size, drop_last=True, local_shuffle_buffer_size=self.shuffle_buffer,
             prefetch_batches=self.prefetch_batches, device=self.device)
         for batch in batches:
-            if yielded < self.steps_per_epoch:
+            if yielded < steps:
                 recent.append(batch)
                 yielded += 1
-                yield batch
+                yield batch, True
             else:
                 self.discarded_batches += 1
-        if yielded < self.steps_per_epoch:
+        if yielded < steps:
             if not recent:
                 raise RuntimeError(f"epoch {self.epochs_done}: this worker received no full batch of "
                                    f"{self.batch_size}; are all samples bad? {self.bad_sample_summary()}")
-            short = self.steps_per_epoch - yielded
+            short = steps - yielded
             log.warning("epoch %d: %d of %d steps replay recent batches (bad samples were dropped); %s",
-                        self.epochs_done, short, self.steps_per_epoch, self.bad_sample_summary())
+                        self.epochs_done, short, steps, self.bad_sample_summary())
             for i in range(short):
                 self.padded_steps += 1
-                yield recent[i % len(recent)]
+                yield recent[i % len(recent)], False
         self.epochs_done += 1
 
     def bad_sample_summary(self) -> str:
-        return read_ledger(self.ledger_name).describe() if self.ledger_name else "no ledger"
+        return self.ledger.report().describe() if self.ledger is not None else "no ledger"
 
     def metrics(self, prefix: str = "data/") -> dict[str, float]:
         """Bad-sample counts of the whole dataset (all workers) plus this worker's padding, for reporting."""
-        out = read_ledger(self.ledger_name).metrics(prefix) if self.ledger_name else {}
+        out = self.ledger.report().metrics(prefix) if self.ledger is not None else {}
         out[f"{prefix}padded_steps"] = self.padded_steps
         out[f"{prefix}discarded_batches"] = self.discarded_batches
         return out

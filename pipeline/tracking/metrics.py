@@ -22,22 +22,23 @@ numbers at all are skipped, with one warning per metric name.
 Bounded waits: MLflow's HTTP client retries a failed request 7 times with exponential backoff and waits
 120 s per attempt by default, minutes in all. Those settings are environment variables read on every
 request, so the sender sets MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 and MLFLOW_HTTP_REQUEST_TIMEOUT to
-`request_timeout_s` around its own sends only (this logger does its own retrying), and puts the previous
-values back afterwards. `flush()` and `close()` wait at most their `timeout_s`.
+`request_timeout_s` around its own sends only (this logger does its own retrying; see
+`pipeline.internals.bounded_mlflow_http`), and puts the previous values back afterwards. `flush()` and
+`close()` wait at most their `timeout_s`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+from pipeline.internals import bounded_mlflow_http
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +46,6 @@ try:  # MLflow's per-request limit, so that a future change of it is followed
     from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 except ImportError:  # pragma: no cover - the value of mlflow 3.17
     MAX_METRICS_PER_BATCH = 1000
-
-_HTTP_ENV_LOCK = threading.Lock()
-_HTTP_ENV_USERS = 0
-_HTTP_ENV_SAVED: dict[str, str | None] = {}
-
-
-@contextmanager
-def bounded_mlflow_http(request_timeout_s: int, max_retries: int = 0) -> Iterator[None]:
-    """Within the block, MLflow HTTP requests fail after one try of at most request_timeout_s (nestable)."""
-    global _HTTP_ENV_USERS
-    bounds = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries),
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(request_timeout_s),
-    }
-    with _HTTP_ENV_LOCK:
-        if _HTTP_ENV_USERS == 0:
-            _HTTP_ENV_SAVED.update({name: os.environ.get(name) for name in bounds})
-            os.environ.update(bounds)
-        _HTTP_ENV_USERS += 1
-    try:
-        yield
-    finally:
-        with _HTTP_ENV_LOCK:
-            _HTTP_ENV_USERS -= 1
-            if _HTTP_ENV_USERS == 0:
-                for name, previous in _HTTP_ENV_SAVED.items():
-                    if previous is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = previous
-                _HTTP_ENV_SAVED.clear()
-
 
 class _Record(NamedTuple):
     key: str

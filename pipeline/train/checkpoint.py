@@ -58,9 +58,10 @@ def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
     return weights
 
 
-def save_checkpoint(engine, directory: str | Path, *, rank: int, state: LoopState, model_config: dict,
+def save_checkpoint_collective(engine, directory: str | Path, *, rank: int, state: LoopState, model_config: dict,
                     ema_weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Every rank: DeepSpeed shards, then the gathered weights; rank 0 also writes the files that need one copy."""
+    """Every rank (a collective): DeepSpeed shards, then the gathered weights; rank 0 also writes the files that
+    need one copy."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"loop_state": asdict(state)})
     weights = gather_full_state_dict(engine)
@@ -133,25 +134,3 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The consolidated weights of a checkpoint directory or a `model.safetensors` file."""
     path = Path(path)
     return load_file(str(path / WEIGHTS_FILE if path.is_dir() else path))
-
-
-def read_model_config(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / CONFIG_FILE).read_text())
-
-
-def use_weights_only_loading(engine) -> None:
-    """Make DeepSpeed unpickle its checkpoint files with `weights_only=True`."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            # DeepSpeed pickles a few small objects of its own (plain numbers inside) in the ZeRO optimizer state
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    checkpoint_engine = WeightsOnlyCheckpointEngine()
-    checkpoint_engine.zipfile_serialization = True
-    engine.checkpoint_engine = checkpoint_engine

@@ -1,14 +1,31 @@
-"""The one seam between the training loop and Ray Train.
+"""The one seam between the training loop and what runs it.
 
-The loop talks to a `TrainContext`: its rank and world size, `report(metrics, checkpoint_dir)` and
-`latest_checkpoint()`. `RayTrainContext` adapts that to `ray.train`; `LocalContext` runs the same loop in one
-process (world size 1, no Ray), so the loop can be unit-tested and debugged without a cluster.
+The loop (loop.py) talks to a `TrainContext` and to nothing of Ray:
+
+    rank, local_rank, world_size
+    report(metrics, checkpoint_dir)       a barrier: every rank calls it equally often
+    latest_checkpoint()                   the checkpoint to restart from (a context manager), or None
+    start_ledgers(count, ...)             bad-sample ledgers, one per dataset (a collective)
+    image_stream(shards, cfg, ...)        this rank's stream of decoded rows of a ShardSet (a collective)
+
+`RayTrainContext` (ray_context.py) does it on Ray Train and Ray Data: rank 0 builds the dataset and
+`streaming_split`s it, and the ledgers are actors. `LocalContext` runs the same `run_training` in one
+process without Ray: the same tar reader and decode functions (data/local_stream.py), in-process ledgers,
+a gloo process group of one for DeepSpeed, and checkpoints copied under a folder.
 """
 
+from __future__ import annotations
+
 import contextlib
+import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
+
+from pipeline.config import DataConfig
+from pipeline.data.shard_set import ShardSet
 
 
 class JobFailed(RuntimeError):
@@ -17,31 +34,28 @@ class JobFailed(RuntimeError):
     spending `train.max_failures` on restarts that would fail the same way."""
 
 
-def fatal_error(err: BaseException) -> str | None:
-    """The one-line message of an error in `err`'s chain that no restart can cure, or None. Ray wraps errors
-    of tasks and actors (`RayTaskError.cause`), and a wrapper is an instance of its cause's class whose text is
-    a whole traceback, so the message is taken from the innermost error."""
-    from ray.exceptions import RayError
+class TrainContext(Protocol):
+    rank: int
+    local_rank: int
+    world_size: int
 
-    from pipeline.config import ConfigError
-    from pipeline.data.bad_samples import TooManyBadSamples
-    from pipeline.train.checkpoint import CheckpointMismatch
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None: ...
 
-    fatal = (JobFailed, ConfigError, TooManyBadSamples, FileNotFoundError, CheckpointMismatch)
-    todo, seen = [err], set()
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, fatal) and not isinstance(current, RayError):
-            return " ".join(str(current).split())
-        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
-    return None
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+    def start_ledgers(self, count: int, max_bad_fraction: float, min_samples: int) -> list: ...
+
+    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
+                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0): ...
 
 
 class LocalContext:
-    """Single-process context: reports are kept in memory, checkpoints are copied under `storage_dir`."""
+    """One process, world size 1, no Ray: reports are kept in `reports`, checkpoints are copied under
+    `storage_dir`, and `streams` holds every stream the loop asked for (with the shard order of each epoch).
+
+        ctx = LocalContext(tmp_path)
+        state = run_training(run, ctx)
+    """
 
     rank = 0
     local_rank = 0
@@ -49,9 +63,25 @@ class LocalContext:
 
     def __init__(self, storage_dir: str | Path, resume_from: str | Path | None = None):
         self.storage_dir = Path(storage_dir)
+        self.resume_from = Path(resume_from) if resume_from else None
         self.reports: list[dict] = []
         self.checkpoints: list[Path] = []
-        self.resume_from = Path(resume_from) if resume_from else None
+        self.streams: list = []
+        self._join_process_group()
+
+    def _join_process_group(self) -> None:
+        """A gloo process group of one, which DeepSpeed joins (as it joins Ray Train's). It stays for the life of
+        the process: DeepSpeed keeps a handle on the first group it joined."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         self.reports.append(dict(metrics))
@@ -65,30 +95,16 @@ class LocalContext:
         latest = self.checkpoints[-1] if self.checkpoints else self.resume_from
         yield str(latest) if latest else None
 
+    def start_ledgers(self, count: int, max_bad_fraction: float, min_samples: int) -> list:
+        from pipeline.data.bad_samples import LocalLedger
 
-class RayTrainContext:
-    """The context inside a Ray Train worker (`train_loop_per_worker`)."""
+        return [LocalLedger(max_bad_fraction, min_samples) for _ in range(count)]
 
-    def __init__(self):
-        import ray.train
+    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
+                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0):
+        from pipeline.data.local_stream import LocalImageStream
 
-        self._train = ray.train
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.local_rank = context.get_local_rank()
-        self.world_size = context.get_world_size()
-
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-        """A barrier: every rank calls it equally often, each with its own checkpoint files (ZeRO shards)."""
-        checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=checkpoint)
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
-        """The checkpoint Ray Train restores after a worker failure, as a local directory, or None."""
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield directory
+        stream = LocalImageStream(shards, cfg, train=train, num_classes=num_classes, ledger=ledger,
+                                  shuffle_files=shuffle_files, first_epoch=first_epoch)
+        self.streams.append(stream)
+        return stream

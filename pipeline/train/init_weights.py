@@ -124,7 +124,7 @@ def _trained_img_size(state: dict[str, torch.Tensor]) -> int:
     return math.isqrt(state[POS_EMBED_KEY].shape[1]) * state["patch_embed.proj.weight"].shape[-1]
 
 
-def load_init_weights(source: InitSource, model_state: dict[str, torch.Tensor], *, reset_head: bool) -> InitWeights:
+def check_init_weights(source: InitSource, model_state: dict[str, torch.Tensor], *, reset_head: bool) -> InitWeights:
     """Check the weights fit the model whose (meta) state_dict is `model_state`, and decide the head."""
     state = source.state_dict
     head_differs = any(key in state and key in model_state and state[key].shape != model_state[key].shape

@@ -1,8 +1,9 @@
 """The training loop that every worker runs: DeepSpeed engine, per-epoch data, eval, checkpoints, metrics.
 
-The loop talks to Ray only through its `TrainContext` (context.py), so it also runs in one process with
-`LocalContext`. Every rank runs exactly `train.steps` optimizer steps and calls every collective (eval,
-checkpoint, report) at the same steps, so no rank waits on another that has stopped.
+The loop talks to what runs it only through its `TrainContext` (context.py): on Ray Train through
+`RayTrainContext`, in one process through `LocalContext`; this module imports nothing of Ray. Every rank
+runs exactly `train.steps` optimizer steps and calls every collective (eval, checkpoint, report) at the same
+steps, so no rank waits on another that has stopped. Functions that are collectives say so in their names.
 """
 
 import logging
@@ -11,62 +12,33 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, JobConfig, config_from_dict
+from pipeline.config import ConfigError, JobConfig
+from pipeline.internals import use_weights_only_loading
 from pipeline.train.checkpoint import (
     EMA_WEIGHTS_FILE,
     LoopState,
     load_checkpoint,
     local_checkpoint,
     read_weights,
-    save_checkpoint,
-    use_weights_only_loading,
+    save_checkpoint_collective,
 )
-from pipeline.train.context import JobFailed, RayTrainContext, fatal_error
+from pipeline.train.context import TrainContext
 from pipeline.train.ema import WeightEMA
-from pipeline.train.evaluate import InputPipeline, evaluate
+from pipeline.train.evaluate import evaluate_collective
+from pipeline.train.feed import TrainFeed
+from pipeline.train.inputs import InputPipeline
+from pipeline.train.resolved_job import ResolvedJob
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunInputs:
-    """What the driver resolved before training; serialisable, passed in `train_loop_config`."""
-
-    model_args: dict  # VisionTransformer(**model_args)
-    classes: list[str]
-    tracking_uri: str = ""
-    mlflow_run_id: str = ""  # rank 0 logs step metrics into this run; "" logs nothing
-    init_weights: Any = None  # fine-tuning: a state_dict (or a Ray ObjectRef of one) loaded before training
-    init_reset_head: bool = False  # the init weights carry no head: it keeps its fresh initialisation
-    extra_config: dict = field(default_factory=dict)  # written into every checkpoint's config.json
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: rebuild the typed config on the worker, then run the loop. An error that no
-    restart can cure ends the job as `JobFailed`, with one line (see launch.EndOnJobFailed)."""
-    job = config_from_dict(JobConfig, config["job"])
-    try:
-        run_training(job, RunInputs(**config["inputs"]), RayTrainContext())
-    except Exception as err:
-        message = fatal_error(err)
-        if message is None:
-            raise
-        raise JobFailed(message) from None
-
-
-def load_init_weights(model, weights, *, reset_head: bool) -> None:
+def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], *, reset_head: bool) -> None:
     """Pretrained weights into the fresh model (position embeddings are resampled by the model's load hook)."""
-    import ray
-
-    state = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"head.weight", "head.bias"} if reset_head else set()
     if set(missing) - allowed_missing or unexpected:
@@ -74,11 +46,8 @@ def load_init_weights(model, weights, *, reset_head: bool) -> None:
 
 
 def configure_worker_logging() -> None:
-    """Our INFO lines reach the driver; Ray Data's progress bars, one per epoch and rank, do not, nor torch's
-    deprecation warning for the collectives that DeepSpeed's ZeRO calls on every step."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    """Our INFO lines reach the driver; torch's deprecation warning for the collectives that DeepSpeed's ZeRO
+    calls on every step does not."""
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logger = logging.getLogger("pipeline")
     if not logger.handlers:
@@ -110,8 +79,10 @@ def use_cpu_deepspeed() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *rest])
 
 
-def build_engine(job: JobConfig, inputs: RunInputs, world_size: int, device: torch.device):
-    """Model from config, AdamW param groups, warmup+cosine, wrapped by DeepSpeed."""
+def build_engine(job: JobConfig, model_args: dict, world_size: int, device: torch.device, *,
+                 init_state: dict[str, torch.Tensor] | None = None, reset_head: bool = False):
+    """Model from its arguments (with `init_state` loaded, if given), AdamW param groups, warmup+cosine,
+    wrapped by DeepSpeed. Returns (engine, the dtype of its inputs)."""
     if device.type == "cpu":
         use_cpu_deepspeed()
     import deepspeed
@@ -121,9 +92,9 @@ def build_engine(job: JobConfig, inputs: RunInputs, world_size: int, device: tor
     from pipeline.train.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
-    model = VisionTransformer(**inputs.model_args)
-    if inputs.init_weights is not None:
-        load_init_weights(model, inputs.init_weights, reset_head=inputs.init_reset_head)
+    model = VisionTransformer(**model_args)
+    if init_state is not None:
+        load_into_model(model, init_state, reset_head=reset_head)
     model.set_grad_checkpointing(job.model.grad_checkpointing)
     model.to(device)
     optim = job.optim
@@ -144,17 +115,20 @@ def build_engine(job: JobConfig, inputs: RunInputs, world_size: int, device: tor
 
 def train_step(engine, images: torch.Tensor, targets: torch.Tensor, *, micro_batch: int, accum: int,
                label_smoothing: float) -> torch.Tensor:
-    """One optimizer step over `accum` micro-batches; DeepSpeed accumulates and steps at the boundary."""
+    """One optimizer step over `accum` micro-batches; DeepSpeed accumulates and steps at the boundary.
+    Returns the step's loss: the mean over its micro-batches, detached."""
+    total = torch.zeros((), device=images.device)
     for i in range(accum):
         part = slice(i * micro_batch, (i + 1) * micro_batch)
         loss = F.cross_entropy(engine(images[part]).float(), targets[part], label_smoothing=label_smoothing)
         engine.backward(loss)
         engine.step()
-    return loss
+        total += loss.detach()
+    return total / accum
 
 
 class Progress:
-    """Rolling step timings for the log line and the rate metrics."""
+    """Rolling step timings for the step line and the rate metrics."""
 
     def __init__(self, total_steps: int, start_step: int, images_per_step: int):
         self.total_steps = total_steps
@@ -162,17 +136,17 @@ class Progress:
         self.window_start = time.perf_counter()
         self.window_steps = 0
         self.window_data_wait_s = 0.0
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []
         self.run_start = self.window_start
         self.start_step = start_step
 
     def add(self, loss: torch.Tensor, data_wait_s: float) -> None:
         self.window_steps += 1
         self.window_data_wait_s += data_wait_s
-        self.losses.append(loss.detach())
+        self.losses.append(loss)
 
-    def flush(self, step: int, lr: float, world_size: int) -> dict[str, float]:
-        """Window averages (loss summed over ranks: a collective), then a new window."""
+    def flush_collective(self, step: int, lr: float, world_size: int) -> tuple[dict[str, float], str]:
+        """The window's metrics (loss averaged over ranks: a collective) and its step line; a new window."""
         now = time.perf_counter()
         elapsed_s = max(now - self.window_start, 1e-9)
         loss = torch.stack(self.losses).float().mean().cpu()
@@ -187,13 +161,12 @@ class Progress:
             "train/step_time_s": (elapsed_s - self.window_data_wait_s) / steps,
             "train/data_wait_s": self.window_data_wait_s / steps,
         }
-        done = step - self.start_step
-        eta_s = (now - self.run_start) / max(done, 1) * (self.total_steps - step)
-        metrics["_line"] = (f"step {step}/{self.total_steps} | loss {metrics['train/loss']:.3f} | lr {lr:.2e} | "
-                            f"{metrics['train/images_per_s']:.0f} img/s | data wait "
-                            f"{100 * self.window_data_wait_s / elapsed_s:.0f}% | eta {format_duration(eta_s)}")
+        eta_s = (now - self.run_start) / max(step - self.start_step, 1) * (self.total_steps - step)
+        line = (f"step {step}/{self.total_steps} | loss {metrics['train/loss']:.3f} | lr {lr:.2e} | "
+                f"{metrics['train/images_per_s']:.0f} img/s | data wait "
+                f"{100 * self.window_data_wait_s / elapsed_s:.0f}% | eta {format_duration(eta_s)}")
         self.window_start, self.window_steps, self.window_data_wait_s, self.losses = now, 0, 0.0, []
-        return metrics
+        return metrics, line
 
 
 def format_duration(seconds: float) -> str:
@@ -206,17 +179,18 @@ def due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
-    """Train to `job.train.steps` (or `stop_after_steps`), resuming from the context's latest checkpoint or
-    `train.resume_from`."""
-    from pipeline.data.bad_samples import build_ledger, check_ledger
-    from pipeline.tracking.metrics import MetricLogger
-    from pipeline.train.data_feed import ShardCatalog, TrainFeed, broadcast_from_rank0, build_eval_stream
-
+def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, torch.Tensor] | None = None
+                 ) -> LoopState:
+    """Train to `train.steps` (or `stop_after_steps`), resuming from the context's latest checkpoint or
+    `train.resume_from`. `init_state`: a fine-tune's starting weights (run.init says whether the head is new)."""
     configure_worker_logging()
-    train_cfg, rank, world_size = job.train, ctx.rank, ctx.world_size
+    job = run.job
+    train_cfg, data_cfg, rank, world_size = job.train, job.data, ctx.rank, ctx.world_size
+    if train_cfg.num_workers != world_size:
+        raise ConfigError(f"train.num_workers is {train_cfg.num_workers} but the context has {world_size} ranks")
     device = resolve_device(job, ctx.local_rank)
-    engine, dtype = build_engine(job, inputs, world_size, device)
+    engine, dtype = build_engine(job, run.model_args, world_size, device, init_state=init_state,
+                                 reset_head=run.init.reset_head if run.init else False)
     state, ema = LoopState(), None
     with ctx.latest_checkpoint() as checkpoint_dir, local_checkpoint(checkpoint_dir or train_cfg.resume_from) as source:
         if source:
@@ -226,32 +200,26 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
                          checkpoint_dir or train_cfg.resume_from, state.step, state.epoch, len(state.shards_done))
         if job.finetune.ema_decay:
             ema = WeightEMA(engine.module, job.finetune.ema_decay)
-            if source and (Path(source) / EMA_WEIGHTS_FILE).exists():
-                ema.load_state_dict(read_weights(Path(source) / EMA_WEIGHTS_FILE))
+            if source and os.path.exists(os.path.join(source, EMA_WEIGHTS_FILE)):
+                ema.load_state_dict(read_weights(os.path.join(source, EMA_WEIGHTS_FILE)))
     torch.manual_seed(train_cfg.seed * 10_000 + rank * 1_000 + state.step)  # augmentation draws differ per rank
 
-    num_classes = len(inputs.classes)
-    data_cfg = job.data
-    train_policy = val_policy = None
-    if rank == 0:  # the ledgers live as long as rank 0; decode tasks of rank 0's datasets report to them
-        train_policy = build_ledger(data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
-        val_policy = build_ledger(data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
-    # every rank learns the ledgers' names: a dataset that fails over its bad-sample limit fails on all ranks,
-    # and each must tell that failure from one that a restart could cure
-    ledger_names = broadcast_from_rank0([train_policy.ledger_name, val_policy.ledger_name] if rank == 0 else None,
-                                        rank, world_size)
-    per_rank_batch = train_cfg.global_batch_size // world_size
-    feed = TrainFeed(ShardCatalog(data_cfg.train), data_cfg, rank=rank, world_size=world_size,
-                     batch_size=per_rank_batch, num_classes=num_classes, policy=train_policy, device=device)
-    val_stream = build_eval_stream(data_cfg, rank=rank, world_size=world_size, num_classes=num_classes,
-                                   policy=val_policy) if data_cfg.val else None
-    inputs_pipeline = InputPipeline(job.model.input_mean, job.model.input_std, device, dtype,
-                                    num_classes=num_classes, mixup_alpha=job.optim.mixup_alpha,
-                                    cutmix_alpha=job.optim.cutmix_alpha)
-    metric_logger = MetricLogger(inputs.tracking_uri, inputs.mlflow_run_id) if rank == 0 and inputs.mlflow_run_id \
-        else None
-    if metric_logger is not None and state.step > 0:  # marks in MLflow where a restarted or resumed run picked up
-        metric_logger.log({"train/resumed_at_step": state.step}, step=state.step)
+    num_classes = len(run.classes)
+    train_ledger, val_ledger = ctx.start_ledgers(2, data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
+    feed = TrainFeed(ctx, run.train_shards, data_cfg, batch_size=train_cfg.global_batch_size // world_size,
+                     num_classes=num_classes, ledger=train_ledger, device=device)
+    # the val split is not trimmed to equal streams, so every image counts; it is iterated once per evaluation
+    val_stream = ctx.image_stream(run.val_shards, data_cfg, train=False, num_classes=num_classes, ledger=val_ledger,
+                                  equal=False) if run.val_shards else None
+    inputs = InputPipeline(job.model.input_mean, job.model.input_std, device, dtype, num_classes=num_classes,
+                           mixup_alpha=job.optim.mixup_alpha, cutmix_alpha=job.optim.cutmix_alpha)
+    metric_logger = None
+    if rank == 0 and run.mlflow_run_id:
+        from pipeline.tracking.metrics import MetricLogger
+
+        metric_logger = MetricLogger(run.tracking_uri, run.mlflow_run_id)
+        if state.step > 0:  # marks in MLflow where a restarted or resumed run picked up
+            metric_logger.log({"train/resumed_at_step": state.step}, step=state.step)
     micro_batch, accum = train_cfg.micro_batch_size_per_worker(), train_cfg.grad_accum_steps()
     progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size)
     batches = feed.epochs(state.epoch, state.shards_done)
@@ -262,7 +230,7 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
             wait_start = time.perf_counter()
             epoch, batch = next(batches)
             data_wait_s = time.perf_counter() - wait_start
-            images, targets = inputs_pipeline.train_batch(batch)
+            images, targets = inputs.train_batch(batch)
             lr = max(engine.lr_scheduler.get_last_lr())  # this step's: the step advances the schedule
             loss = train_step(engine, images, targets, micro_batch=micro_batch, accum=accum,
                               label_smoothing=job.optim.label_smoothing)
@@ -274,36 +242,36 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
             progress.add(loss, data_wait_s)
 
             metrics: dict[str, float] = {}
+            line = ""
             if due(state.step, train_cfg.log_every_n_steps, stop_step):
-                metrics.update(progress.flush(state.step, lr, world_size))
+                window, line = progress.flush_collective(state.step, lr, world_size)
+                metrics.update(window)
                 metrics.update(feed.metrics())
                 metrics["train/epoch"] = epoch
             if val_stream is not None and due(state.step, train_cfg.eval_every_n_steps, stop_step):
-                last_val = evaluate_with_ema(engine, ema, val_stream, inputs_pipeline, batch_size=micro_batch,
-                                             world_size=world_size, img_size=data_cfg.img_size)
+                last_val = validate_collective(engine, ema, val_stream, inputs, batch_size=micro_batch,
+                                               world_size=world_size, img_size=data_cfg.img_size)
                 metrics.update(last_val)
-                metrics["_line"] = metrics.get("_line", f"step {state.step}/{train_cfg.steps}") + (
+                line = (line or f"step {state.step}/{train_cfg.steps}") + (
                     f" | val top-1 {last_val['val/top1']:.3f} loss {last_val['val/loss']:.3f}") + (
                     f" | ema top-1 {last_val['val_ema/top1']:.3f}" if ema is not None else "")
-            line = metrics.pop("_line", None)
             if rank == 0 and line:
                 log.info(line)
             if metric_logger is not None and metrics:
                 metric_logger.log(metrics, step=state.step)
             if due(state.step, train_cfg.checkpoint_every_n_steps, stop_step):
-                state.shards_done = feed.shards_done()
+                state.shards_done = feed.shards_done_collective()
                 with tempfile.TemporaryDirectory(prefix="vit-checkpoint-") as directory:
-                    save_checkpoint(engine, directory, rank=rank, state=state,
-                                    model_config=checkpoint_config(job, inputs),
-                                    ema_weights=ema.state_dict() if ema is not None else None)
+                    save_checkpoint_collective(engine, directory, rank=rank, state=state, model_config=run.record(),
+                                               ema_weights=ema.state_dict() if ema is not None else None)
                     ctx.report({"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
                                 **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
                                 **{f"last_{k}": v for k, v in last_val.items()}}, directory)
     except Exception:
         # Ray Data hands the trainer a wrapper of a decode task's error without its cause; the ledgers say
         # whether it was the bad-sample limit
-        for name in ledger_names:
-            check_ledger(name, data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
+        train_ledger.check()
+        val_ledger.check()
         raise
     finally:
         if metric_logger is not None:
@@ -311,19 +279,13 @@ def run_training(job: JobConfig, inputs: RunInputs, ctx) -> LoopState:
     return state
 
 
-def evaluate_with_ema(engine, ema: WeightEMA | None, val_stream, inputs: InputPipeline, *, batch_size: int,
-                      world_size: int, img_size: int) -> dict[str, float]:
-    """val/* of the raw weights and, with an EMA, val_ema/* of the averaged ones."""
+def validate_collective(engine, ema: WeightEMA | None, val_stream, inputs: InputPipeline, *, batch_size: int,
+                        world_size: int, img_size: int) -> dict[str, float]:
+    """val/* of the raw weights and, with an EMA, val_ema/* of the averaged ones (a collective)."""
     kwargs = {"batch_size": batch_size, "world_size": world_size, "image_shape": (3, img_size, img_size)}
-    metrics = evaluate(engine, val_stream, inputs, **kwargs)
+    metrics = evaluate_collective(engine, val_stream, inputs, **kwargs)
     if ema is not None:
         with ema.applied():
-            averaged = evaluate(engine, val_stream, inputs, **kwargs)
+            averaged = evaluate_collective(engine, val_stream, inputs, **kwargs)
         metrics.update({key.replace("val/", "val_ema/"): value for key, value in averaged.items()})
     return metrics
-
-
-def checkpoint_config(job: JobConfig, inputs: RunInputs) -> dict:
-    """config.json: enough to rebuild the model anywhere (`VisionTransformer(**model_args)`) and to trace it."""
-    return {"architecture": "vision_transformer", "model_args": inputs.model_args, "classes": inputs.classes,
-            "job": job.to_dict(), **inputs.extra_config}

@@ -8,6 +8,8 @@ import pytest
 from pipeline.config import DataConfig
 from pipeline.data.bad_samples import REASONS, BadSampleReport
 from pipeline.data.datasets import build_image_dataset
+from pipeline.data.ledger import start_ledger
+from pipeline.data.shard_set import read_shard_set
 
 GOOD_A = 10  # good samples in shard a (labels i % 3), then the bad ones
 GOOD_B = 5  # good samples in shard b (label 1)
@@ -33,13 +35,16 @@ def bad_records(tars, kind: str) -> list[dict]:
 
 
 def run(spec, cfg: DataConfig) -> tuple[Counter, BadSampleReport, int]:
-    data = build_image_dataset(spec, cfg, train=False)
+    shards = read_shard_set(spec)
+    ledger = start_ledger(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
+    dataset = build_image_dataset(shards, cfg, train=False, num_classes=cfg.num_classes or len(shards.classes),
+                                  ledger=ledger)
     labels = Counter()
     images = 0
-    for batch in data.dataset.iter_batches(batch_size=8, batch_format="numpy"):
+    for batch in dataset.iter_batches(batch_size=8, batch_format="numpy"):
         labels.update(batch["label"].tolist())
         images += len(batch["image"])
-    return labels, data.bad_samples(), images
+    return labels, ledger.report(), images
 
 
 def write_shards(tars, bad: list[dict]) -> str:

@@ -7,6 +7,7 @@ import ray
 
 from pipeline.config import ConfigError, DataConfig, load_job_config
 from pipeline.data.datasets import build_image_dataset
+from pipeline.data.shard_set import read_shard_set
 
 
 def decode_tasks_requesting(resource: str, expected: int, timeout_s: float = 30.0) -> list:
@@ -28,7 +29,7 @@ def test_decode_tasks_request_the_data_resource_and_stay_fused_with_the_read(ray
     shards = [tars.write(f"p/train-{i:06d}.tar", [tars.good_record(f"{i}{j}", label=i, seed=j) for j in range(3)])
               for i in range(3)]
     cfg = DataConfig(img_size=16, decode_batch_size=4, decode_num_cpus=0.25, decode_resources={resource: 0.003})
-    rows = build_image_dataset(shards, cfg, train=False, num_classes=3).dataset.take_all()
+    rows = build_image_dataset(read_shard_set(shards), cfg, train=False, num_classes=3).take_all()
     assert sorted(int(row["label"]) for row in rows) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert all(row["image"].shape == (3, 16, 16) for row in rows)
 

@@ -14,12 +14,15 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import DataConfig
-from pipeline.data.datasets import build_image_dataset
-from pipeline.data.manifest import Manifest, find_manifest, steps_per_epoch
+from pipeline.data.datasets import build_image_dataset, read_shards
+from pipeline.data.epochs import steps_per_epoch
+from pipeline.data.ledger import start_ledger
+from pipeline.data.manifest import Manifest, find_manifest
+from pipeline.data.shard_set import read_shard_set
 from pipeline.data.shard_specs import expand_shards
 from pipeline.data.shard_writer import index_shards, write_source, write_split
 from pipeline.data.sources import digits_source, imagefolder_source, read_image_file
-from pipeline.data.tar_reader import iter_tar_samples, read_shards
+from pipeline.data.tar_reader import iter_tar_samples
 
 
 def tar_rows(path: str) -> list[dict]:
@@ -69,7 +72,7 @@ def test_manifest_is_complete_and_alone(digits_dir):
     assert body["image_stats"] == {"mean_width": 32.0, "mean_height": 32.0, "max_width": 32, "max_height": 32}
     paths = expand_shards(str(out / "train-{000000..000003}.tar"))
     manifest = find_manifest(paths)
-    assert manifest.samples_in(paths[:2]) == 800
+    assert sum(manifest.sample_counts(paths[:2])) == 800
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert steps_per_epoch(manifest.num_samples, world_size=2, batch_size=64) == 11
 
@@ -80,14 +83,16 @@ def test_digits_read_back_through_ray_yields_every_key_once(ray_local, digits_di
     rows = raw.select_columns(["__url__", "__key__"]).take_all()
     keys = Counter((os.path.basename(r["__url__"]), r["__key__"]) for r in rows)
     assert len(keys) == 1438 and set(keys.values()) == {1}
-    decoded = build_image_dataset(str(out / "val-*.tar"), DataConfig(img_size=32), train=False)
+    val = read_shard_set(str(out / "val-*.tar"))
+    ledger = start_ledger(0.01, 1000)
+    decoded = build_image_dataset(val, DataConfig(img_size=32), train=False, num_classes=10, ledger=ledger)
     labels = Counter()
-    for batch in decoded.dataset.iter_batches(batch_size=100, batch_format="numpy"):
+    for batch in decoded.iter_batches(batch_size=100, batch_format="numpy"):
         assert batch["image"].shape[1:] == (3, 32, 32) and batch["image"].dtype == np.uint8
         labels.update(batch["label"].tolist())
     val_labels = Counter(int(r["cls"]) for r in tar_rows(str(out / "val-000000.tar")))
-    assert labels == val_labels and sum(labels.values()) == decoded.num_samples == 359
-    assert decoded.bad_samples().seen == 359 and decoded.bad_samples().num_bad == 0
+    assert labels == val_labels and sum(labels.values()) == val.num_samples == 359
+    assert ledger.report().seen == 359 and ledger.report().num_bad == 0
 
 
 @pytest.fixture
@@ -163,12 +168,13 @@ def test_index_prefixed_shards_from_their_tars(tars, tmp_path):
     tars.write("laion/part-00001.tar", records[4:])
     report = index_shards(str(tmp_path / "laion" / "part-*.tar"), classes=["a", "b", "c"], progress=False)
     manifest = report.manifest
-    assert manifest.split == "part" and [s.num_samples for s in manifest.shards] == [4, 3]
+    shards = read_shard_set(str(tmp_path / "laion" / "part-*.tar"))
+    assert manifest.split == "part" and [s.num_samples for s in manifest.shards] == [4, 3] == shards.counts
     assert (report.from_stats, report.from_tars) == (0, 2)
     assert report.path == str(tmp_path / "laion" / "part.manifest.json")
     assert manifest.sample_members == ["jpg", "json", "txt"] and manifest.json_keys == ["key", "label", "url"]
-    assert "no .cls member" in manifest.label_problem("") and manifest.label_problem("label") is None
-    assert "'cls_id' is not a key" in manifest.label_problem("cls_id")
+    assert "no .cls member" in shards.label_problem("") and shards.label_problem("label") is None
+    assert "'cls_id' is not a key" in shards.label_problem("cls_id")
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

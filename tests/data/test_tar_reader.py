@@ -10,7 +10,9 @@ import pytest
 import ray
 
 from pipeline.data import tar_reader
-from pipeline.data.tar_reader import count_samples, iter_tar_samples, read_shards, shard_order
+from pipeline.data.datasets import read_shards
+from pipeline.data.epochs import shard_order
+from pipeline.data.tar_reader import count_samples, iter_tar_samples
 
 
 @pytest.fixture

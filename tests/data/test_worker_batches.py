@@ -1,13 +1,17 @@
-"""Every worker gets exactly steps_per_epoch batches, whatever the shard sizes and the bad samples."""
+"""Every worker gets exactly the epoch's step count of batches, whatever the shard sizes and the bad samples:
+in one process (the local stream) and on two Ray Train workers through the trainer's own wiring
+(RayTrainContext's split, its ledger actors, TrainFeed)."""
 
-import dataclasses
 import json
 import os
 
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data.datasets import build_image_dataset
+from pipeline.data.bad_samples import LocalLedger
+from pipeline.data.epochs import ShardTally, plan_epoch, shard_order
+from pipeline.data.local_stream import LocalImageStream
+from pipeline.data.shard_set import read_shard_set
 from pipeline.data.shard_writer import index_shards
 from pipeline.data.worker_batches import WorkerBatches
 
@@ -30,45 +34,55 @@ def uneven_shards(tars, sizes: list[int], bad_in_largest: int) -> str:
 CFG = DataConfig(img_size=16, max_bad_fraction=0.3, min_samples_for_bad_check=1, local_shuffle_buffer=16)
 
 
-def test_short_epochs_are_topped_up_and_long_ones_drained(ray_local, tars):
-    spec = uneven_shards(tars, [20, 5], bad_in_largest=5)  # 25 keys in the manifest, 20 good
-    data = build_image_dataset(spec, CFG, train=True)
-    steps = data.steps_per_epoch(world_size=1, batch_size=4)
-    assert (data.num_samples, steps) == (25, 6)
-    batches = WorkerBatches(data.dataset.iterator(), batch_size=4, steps_per_epoch=steps, cfg=CFG,
-                            ledger_name=data.ledger_name, device="cpu")
-    epoch = list(batches.epoch())  # 20 good rows make 5 batches; the 6th replays one
+def test_short_epochs_are_topped_up_and_long_ones_drained(tars):
+    shards = read_shard_set(uneven_shards(tars, [20, 5], bad_in_largest=5))  # 25 keys in the manifest, 20 good
+    plan = plan_epoch(shards, 0, [], seed=CFG.shuffle_seed, world_size=1, batch_size=4)
+    assert (plan.num_samples, plan.steps) == (25, 6)
+    ledger = LocalLedger(CFG.max_bad_fraction, CFG.min_samples_for_bad_check)
+    stream = LocalImageStream(shards, CFG, train=True, num_classes=3, ledger=ledger)
+    batches = WorkerBatches(stream, batch_size=4, cfg=CFG, ledger=ledger, device="cpu")
+    tally = ShardTally(plan)
+    epoch = []
+    for batch, fresh in batches.epoch(plan.steps):  # 20 good rows make 5 batches; the 6th replays one
+        epoch.append(batch)
+        if fresh:
+            tally.add(batch["shard"].numpy())
     assert len(epoch) == 6 and batches.padded_steps == 1
     assert all(b["image"].shape == (4, 3, 16, 16) and str(b["image"].dtype) == "torch.uint8" for b in epoch)
     assert all(str(b["label"].dtype) == "torch.int64" and set(b["label"].tolist()) <= {0, 1, 2} for b in epoch)
+    # the short shard was read whole; the one with bad samples never reaches its count, so it is read again
+    # after a resume
+    assert tally.consumed.tolist() == [15, 5] and tally.shards_done(tally.consumed) == [shards.uris[1]]
     metrics = batches.metrics()
     assert metrics["data/bad_undecodable"] == 5 and metrics["data/samples_seen"] == 25
-    short = WorkerBatches(data.dataset.iterator(), batch_size=4, steps_per_epoch=2, cfg=CFG,
-                          ledger_name=data.ledger_name, device="cpu")
-    assert len(list(short.epoch())) == 2 and short.discarded_batches == 3
-    assert data.bad_samples().seen == 50  # the second epoch was read to its end
+    assert len(list(batches.epoch(2))) == 2 and batches.discarded_batches == 3
+    assert ledger.report().seen == 50  # the second epoch was read to its end
+    assert stream.orders == [shard_order(shards.uris, CFG.shuffle_seed, e) for e in (0, 1)]  # an order per epoch
 
 
-def uneven_loop_per_worker(config: dict) -> None:
-    import ray.train
+def feed_per_worker(config: dict) -> None:
+    import torch
 
-    cfg = DataConfig(**config["data"])
-    batches = WorkerBatches(ray.train.get_dataset_shard("train"), batch_size=config["batch_size"],
-                            steps_per_epoch=config["steps_per_epoch"], cfg=cfg, ledger_name=config["ledger"],
-                            device="cpu")
-    per_epoch, labels, metrics = [], [], []
-    for _ in range(config["epochs"]):
-        n = 0
-        for batch in batches.epoch():
-            assert tuple(batch["image"].shape) == (config["batch_size"], 3, cfg.img_size, cfg.img_size)
+    from pipeline.train.feed import TrainFeed
+    from pipeline.train.ray_context import RayTrainContext
+
+    ctx = RayTrainContext()
+    [ledger] = ctx.start_ledgers(1, CFG.max_bad_fraction, CFG.min_samples_for_bad_check)
+    feed = TrainFeed(ctx, config["shards"], CFG, batch_size=config["batch_size"], num_classes=3, ledger=ledger,
+                     device=torch.device("cpu"))
+    batches = feed.epochs(0, [])
+    epochs, labels, metrics, done = [], [], [], []
+    for _ in range(2):
+        for _ in range(config["steps"]):
+            epoch, batch = next(batches)
+            assert tuple(batch["image"].shape) == (config["batch_size"], 3, CFG.img_size, CFG.img_size)
+            epochs.append(epoch)
             labels.extend(batch["label"].tolist())
-            n += 1
-        per_epoch.append(n)
-        metrics.append(batches.metrics())
-        ray.train.report(metrics[-1])
-    rank = ray.train.get_context().get_world_rank()
-    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
-        json.dump({"per_epoch": per_epoch, "padded": batches.padded_steps, "labels": labels, "metrics": metrics}, f)
+        metrics.append(feed.metrics())
+        done.append(feed.shards_done_collective())
+    with open(os.path.join(config["out"], f"rank{ctx.rank}.json"), "w") as f:
+        json.dump({"epochs": epochs, "padded": feed.worker_batches.padded_steps, "labels": labels,
+                   "metrics": metrics, "done": done}, f)
 
 
 @pytest.mark.e2e
@@ -76,27 +90,26 @@ def test_two_train_workers_get_equal_batches_from_uneven_shards(ray_local, tars,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    spec = uneven_shards(tars, [7, 50, 13], bad_in_largest=6)  # 70 keys, 64 good
-    data = build_image_dataset(spec, CFG, train=True)
+    shards = read_shard_set(uneven_shards(tars, [7, 50, 13], bad_in_largest=6))  # 70 keys, 64 good
     batch_size = 5
-    steps = data.steps_per_epoch(world_size=2, batch_size=batch_size)
+    steps = plan_epoch(shards, 0, [], seed=CFG.shuffle_seed, world_size=2, batch_size=batch_size).steps
     assert steps == 7  # 70 // (2 * 5); 64 good rows give each worker 32 rows = 6 batches + 1 replayed
     out = tmp_path / "ranks"
     out.mkdir()
     trainer = TorchTrainer(
-        uneven_loop_per_worker,
-        train_loop_config={"data": dataclasses.asdict(CFG), "batch_size": batch_size, "steps_per_epoch": steps,
-                           "ledger": data.ledger_name, "epochs": 2, "out": str(out)},
+        feed_per_worker,
+        train_loop_config={"shards": shards, "batch_size": batch_size, "steps": steps, "out": str(out)},
         # Fractional CPUs leave the 4-CPU test Ray room for decode tasks; 1 CPU each would starve them.
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name="uneven", storage_path=str(tmp_path / "runs")),
-        datasets={"train": data.dataset},
     )
     trainer.fit()
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["per_epoch"] for r in ranks] == [[7, 7], [7, 7]]
+    assert [r["epochs"] for r in ranks] == [[0] * 7 + [1] * 7] * 2  # the same step count on both ranks
     assert [r["padded"] for r in ranks] == [2, 2]
     assert all(set(r["labels"]) <= {0, 1, 2} and len(r["labels"]) == 2 * 7 * batch_size for r in ranks)
     for r in ranks:  # the ledger is shared: both workers report the same dataset-wide counts
         assert [m["data/bad_undecodable"] for m in r["metrics"]] == [6, 12]
         assert [m["data/samples_seen"] for m in r["metrics"]] == [70, 140]
+        # summed over ranks (the same answer on both): the shard with bad samples never counts as done
+        assert r["done"] == ranks[0]["done"] and all(shards.uris[1] not in done for done in r["done"])

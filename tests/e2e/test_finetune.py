@@ -18,7 +18,7 @@ from pipeline.tracking.compare import compare_runs
 from pipeline.tracking.lineage import latest_pretrain_run_id
 from pipeline.tracking.runs import child_run_ids
 from pipeline.tracking.store import resolve_tracking_uri
-from pipeline.train.launch import resolve_init
+from pipeline.train.resolved_job import resolve_job
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,7 @@ def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_loc
     for name in ("MLFLOW_TRACKING_URI", "VIT_PIPELINE_HOME"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="no finished pretrain run in experiment 'vit-pipeline'.*jobs/pretrain.py"):
-        resolve_init(load_job_config(JOBS / "configs" / "digits_finetune.yaml", []))
+        resolve_job(load_job_config(JOBS / "configs" / "digits_finetune.yaml", []), "finetune")
 
     start = time.perf_counter()
     assert job_main("pretrain")([f"train.steps={PRETRAIN_STEPS}"]) == 0

@@ -17,7 +17,8 @@ from PIL import Image
 from pipeline.config import ConfigError, load_job_config
 from pipeline.data.tar_reader import count_samples
 from pipeline.train.checkpoint import weight_shapes
-from pipeline.train.launch import prepare_job, run_job
+from pipeline.train.launch import run_job
+from pipeline.train.resolved_job import resolve_job
 
 pytestmark = pytest.mark.e2e
 
@@ -108,10 +109,10 @@ def test_img2dataset_output_is_indexed_in_place_and_trained_on(ray_local, image_
                  f"train.storage_path={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     config = ROOT / "jobs" / "configs" / "digits_pretrain.yaml"
     with pytest.raises(ConfigError, match=r"data.train: the samples have no .cls member .*set data.label_key .*label"):
-        prepare_job(load_job_config(config, overrides))
-    job, inputs = prepare_job(load_job_config(config, [*overrides, "data.label_key=label"]))
-    assert inputs.classes == CLASSES and inputs.model_args["num_classes"] == 3
-    result = run_job(job, inputs, job_name="pretrain")
+        resolve_job(load_job_config(config, overrides), "pretrain")
+    run, _ = resolve_job(load_job_config(config, [*overrides, "data.label_key=label"]), "pretrain")
+    assert run.classes == CLASSES and run.model_args["num_classes"] == 3
+    result = run_job(run)
     assert result.metrics["step"] == 8 and result.metrics["epoch"] == 1  # 57 // 8 = 7 steps an epoch
     assert 0.0 <= result.metrics["last_val/top1"] <= 1.0 and result.metrics["last_val/images"] == 57
     shapes = weight_shapes(f"{result.checkpoint_path}/model.safetensors")

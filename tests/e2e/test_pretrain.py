@@ -17,16 +17,22 @@ from pipeline.config import ConfigError
 from pipeline.data.datasets import build_image_dataset
 from pipeline.model import VisionTransformer
 from pipeline.train.checkpoint import STATE_FILE, read_weights
-from pipeline.train.evaluate import InputPipeline
-from pipeline.train.launch import prepare_job, run_job
+from pipeline.train.inputs import InputPipeline
+from pipeline.train.launch import run_job
 from pipeline.train.optim import lr_multiplier
+from pipeline.train.resolved_job import resolve_job
 
 pytestmark = pytest.mark.e2e
 
 
-def val_top1(job, model) -> float:
+def prepare(job):
+    return resolve_job(job, "pretrain")[0]
+
+
+def val_top1(run, model) -> float:
     """Top-1 of `model` on the val shards, decoded in this process's Ray exactly as the trainer's eval does."""
-    data = build_image_dataset(job.data.val, job.data, train=False, num_classes=10).dataset
+    job = run.job
+    data = build_image_dataset(run.val_shards, job.data, train=False, num_classes=10)
     inputs = InputPipeline(job.model.input_mean, job.model.input_std, torch.device("cpu"), torch.float32,
                            num_classes=10)
     correct = total = 0
@@ -37,14 +43,14 @@ def val_top1(job, model) -> float:
     return correct / total
 
 
-def check_consolidated(job, inputs, result) -> None:
+def check_consolidated(run, result) -> None:
     """The checkpoint's model.safetensors loads strictly into our ViT and timm's, which agree, and scores on the
     val shards exactly the val top-1 the trainer reported."""
     weights = read_weights(result.checkpoint_path)
-    model = VisionTransformer(**inputs.model_args).eval()
+    model = VisionTransformer(**run.model_args).eval()
     model.load_state_dict(weights, strict=True)
-    assert val_top1(job, model) == pytest.approx(result.metrics["last_val/top1"], abs=1e-9)
-    theirs = TimmVisionTransformer(**inputs.model_args).eval()
+    assert val_top1(run, model) == pytest.approx(result.metrics["last_val/top1"], abs=1e-9)
+    theirs = TimmVisionTransformer(**run.model_args).eval()
     theirs.load_state_dict(weights, strict=True)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -56,13 +62,13 @@ def test_resume_continues_the_step_count_and_the_epoch_at_shard_granularity(ray_
     steps, half = 60, 30  # 1437 train images / 32 = 44 steps per epoch: the stop falls inside epoch 0
     common = (f"train.steps={steps}", "train.checkpoint_every_n_steps=30", "train.eval_every_n_steps=0",
               "data.prefetch_batches=1", "optim.lr=2e-3")  # ZeRO-2, the default
-    first = run_job(*prepare_job(tiny_job(digits_shards, tmp_path, *common, f"train.stop_after_steps={half}")),
-                    job_name="pretrain")
+    first = run_job(prepare(tiny_job(digits_shards, tmp_path, *common, f"train.stop_after_steps={half}")))
     state = json.loads((Path(first.checkpoint_path) / STATE_FILE).read_text())
     assert state["step"] == half and state["epoch"] == 0
     assert 1 <= len(state["shards_done"]) < 8
-    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, *common, f"train.resume_from={first.checkpoint_path}"))
-    second = run_job(job, inputs, job_name="pretrain")
+    run = prepare(tiny_job(digits_shards, tmp_path, *common, f"train.resume_from={first.checkpoint_path}"))
+    second = run_job(run)
+    job = run.job
     assert second.metrics["step"] == steps
 
     # the counter continues, the schedule (the lr each step used) goes on where it stopped, and so does the loss,
@@ -89,7 +95,7 @@ def test_resume_continues_the_step_count_and_the_epoch_at_shard_granularity(ray_
     assert first_step_of_epoch_1 == half + left // 32 + 1
     final = json.loads((Path(second.checkpoint_path) / STATE_FILE).read_text())
     assert final["epoch"] == 1 and final["images_seen"] == steps * 32
-    check_consolidated(job, inputs, second)
+    check_consolidated(run, second)
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shards, tmp_path, tiny_job,
@@ -98,11 +104,11 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
 
     # ZeRO-3, which partitions the parameters themselves: the restart restores partitioned weights and optimizer
     # state, and every checkpoint gathers the weights to save them. ZeRO-2 (the default) runs in the other jobs.
-    job, inputs = prepare_job(tiny_job(digits_shards, tmp_path, "train.zero_stage=3", "train.steps=40",
-                                       "optim.lr=2e-3", "train.checkpoint_every_n_steps=10",
-                                       "train.eval_every_n_steps=0", "train.max_failures=1"))
+    run = prepare(tiny_job(digits_shards, tmp_path, "train.zero_stage=3", "train.steps=40", "optim.lr=2e-3",
+                           "train.checkpoint_every_n_steps=10", "train.eval_every_n_steps=0", "train.max_failures=1"))
+    job = run.job
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=run_job(job, inputs, job_name="pretrain")))
+    thread = threading.Thread(target=lambda: outcome.update(result=run_job(run)))
     thread.start()
     runs = tmp_path / "runs"
     deadline = time.time() + 300
@@ -148,28 +154,28 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     first_values = [min(values[step]) for step in sorted(values)]
     assert statistics.mean(first_values[-6:]) < statistics.mean(first_values[:6]) - 0.05, first_values
     assert json.loads((Path(result.checkpoint_path) / STATE_FILE).read_text())["step"] == 40
-    check_consolidated(job, inputs, result)
+    check_consolidated(run, result)
 
 
 def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job, s3_store):
     with pytest.raises(ConfigError, match="img_size height 30 is not divisible by patch size"):
-        prepare_job(tiny_job(digits_shards, tmp_path, "data.img_size=30"))
+        prepare(tiny_job(digits_shards, tmp_path, "data.img_size=30"))
     with pytest.raises(ConfigError, match="resume_from: .*/missing does not exist"):
-        prepare_job(tiny_job(digits_shards, tmp_path, f"train.resume_from={tmp_path}/missing"))
+        prepare(tiny_job(digits_shards, tmp_path, f"train.resume_from={tmp_path}/missing"))
     missing = s3_store.uri("nothing", "checkpoint_000001")
     with pytest.raises(ConfigError, match=f"resume_from: {missing} does not exist"):
-        prepare_job(tiny_job(digits_shards, tmp_path, f"train.resume_from={missing}"))
+        prepare(tiny_job(digits_shards, tmp_path, f"train.resume_from={missing}"))
     with pytest.raises(ConfigError, match=rf"data.train: 4 of 4 shards do not exist: {s3_store.uri('none')}/train-"):
-        prepare_job(tiny_job(digits_shards, tmp_path, f"data.train={s3_store.uri('none')}/train-{{0..3}}.tar"))
+        prepare(tiny_job(digits_shards, tmp_path, f"data.train={s3_store.uri('none')}/train-{{0..3}}.tar"))
     with pytest.raises(ConfigError, match="unknown model preset 'vit_gigantic'; known presets: "):
-        prepare_job(tiny_job(digits_shards, tmp_path, "model.preset=vit_gigantic"))
+        prepare(tiny_job(digits_shards, tmp_path, "model.preset=vit_gigantic"))
     with pytest.raises(ConfigError, match="http://127.0.0.1:9"):
-        prepare_job(tiny_job(digits_shards, tmp_path, "tracking.uri=http://127.0.0.1:9"))
+        prepare(tiny_job(digits_shards, tmp_path, "tracking.uri=http://127.0.0.1:9"))
     with pytest.raises(ConfigError, match="data.train: no manifest beside"):
         empty = tmp_path / "empty"
         empty.mkdir()
         (empty / "train-000000.tar").write_bytes(b"")
-        prepare_job(tiny_job(digits_shards, tmp_path, f"data.train={empty}/train-*.tar"))
+        prepare(tiny_job(digits_shards, tmp_path, f"data.train={empty}/train-*.tar"))
 
     other = tmp_path / "other-model"
     (other / "deepspeed").mkdir(parents=True)
@@ -180,7 +186,7 @@ def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job, s3_store):
     save_file({k: v.contiguous() for k, v in build_model("vit_demo_patch4_32", depth=2).state_dict().items()},
               str(other / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"different model .*blocks\.2\.norm1\.weight: missing from checkpoint"):
-        prepare_job(tiny_job(digits_shards, tmp_path, f"train.resume_from={other}"))
+        prepare(tiny_job(digits_shards, tmp_path, f"train.resume_from={other}"))
 
 
 def test_a_data_failure_ends_the_job_in_one_attempt_with_one_line(tmp_path, capsys):

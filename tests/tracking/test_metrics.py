@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.metrics import MetricLogger, bounded_mlflow_http
+from pipeline.internals import bounded_mlflow_http
+from pipeline.tracking.metrics import MetricLogger
 from pipeline.tracking.runs import start_job_run
 
 LOGGER_NAME = "pipeline.tracking.metrics"

@@ -4,8 +4,9 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.data.bad_samples import TooManyBadSamples
-from pipeline.train.context import JobFailed, fatal_error
+from pipeline.train.context import JobFailed
 from pipeline.train.launch import EndOnJobFailed, failure_message
+from pipeline.train.ray_context import fatal_error
 
 
 def read_missing_shard(path: str) -> bytes:

@@ -38,7 +38,7 @@ ENGINES = textwrap.dedent("""
     import torch.distributed as dist
     from pipeline.config import load_job_config
     from pipeline.model import preset_kwargs
-    from pipeline.train.loop import RunInputs, build_engine, train_step
+    from pipeline.train.loop import build_engine, train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -48,8 +48,7 @@ ENGINES = textwrap.dedent("""
             job = load_job_config(None, [f"train.zero_stage={stage}", "train.num_workers=1",
                                          "train.global_batch_size=4", "data.img_size=32"])
             args = preset_kwargs("vit_demo_patch4_32", num_classes=num_classes, img_size=32)
-            inputs = RunInputs(model_args=args, classes=[str(c) for c in range(num_classes)])
-            engine, _ = build_engine(job, inputs, 1, torch.device("cpu"))
+            engine, _ = build_engine(job, args, 1, torch.device("cpu"))
             before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
             images = torch.randn(4, 3, 32, 32)
             targets = torch.randint(0, num_classes, (4,))

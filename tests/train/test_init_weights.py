@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from pipeline.config import ConfigError
 from pipeline.model import build_model
-from pipeline.train.init_weights import load_init_weights, locate_init
-from pipeline.train.loop import load_init_weights as load_into_model
+from pipeline.train.init_weights import check_init_weights, locate_init
+from pipeline.train.loop import load_into_model
 
 
 def meta_state(name: str, **overrides) -> dict:
@@ -19,7 +19,7 @@ def meta_state(name: str, **overrides) -> dict:
 
 
 def fit(spec: str, model_state: dict, *, reset_head: bool = False):
-    return load_init_weights(locate_init(spec, ""), model_state, reset_head=reset_head)
+    return check_init_weights(locate_init(spec, ""), model_state, reset_head=reset_head)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

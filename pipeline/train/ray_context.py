@@ -1,0 +1,112 @@
+"""The Ray side of the seam (context.py): `RayTrainContext` and the Ray Train entry point.
+
+Rank 0 builds each dataset and splits it into one stream per rank (`streaming_split`), which every rank
+receives through a broadcast; the bad-sample ledgers are actors that rank 0 starts and every rank reads by
+name. An error that no restart can cure ends the job as `JobFailed` (see launch.EndOnJobFailed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import ray.train
+import torch.distributed as dist
+
+from pipeline.config import DataConfig
+from pipeline.data.shard_set import ShardSet
+from pipeline.train.context import JobFailed
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: `config` holds the resolved job and a reference to the init weights."""
+    from pipeline.train.loop import run_training
+
+    init_state = config.get("init_state")
+    if isinstance(init_state, ray.ObjectRef):
+        init_state = ray.get(init_state)
+    try:
+        run_training(config["run"], RayTrainContext(), init_state=init_state)
+    except Exception as err:
+        message = fatal_error(err)
+        if message is None:
+            raise
+        raise JobFailed(message) from None
+
+
+def fatal_error(err: BaseException) -> str | None:
+    """The one-line message of an error in `err`'s chain that no restart can cure, or None. Ray wraps errors
+    of tasks and actors (`RayTaskError.cause`), and a wrapper is an instance of its cause's class whose text is
+    a whole traceback, so the message is taken from the innermost error."""
+    from ray.exceptions import RayError
+
+    from pipeline.config import ConfigError
+    from pipeline.data.bad_samples import TooManyBadSamples
+    from pipeline.train.checkpoint import CheckpointMismatch
+
+    fatal = (JobFailed, ConfigError, TooManyBadSamples, FileNotFoundError, CheckpointMismatch)
+    todo, seen = [err], set()
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, fatal) and not isinstance(current, RayError):
+            return " ".join(str(current).split())
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
+
+
+class RayTrainContext:
+    """The context inside a Ray Train worker (`train_loop_per_worker`)."""
+
+    def __init__(self):
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.local_rank = context.get_local_rank()
+        self.world_size = context.get_world_size()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        """A barrier: every rank calls it equally often, each with its own checkpoint files (ZeRO shards)."""
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        """The checkpoint Ray Train restores after a worker failure, as a local directory, or None."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    def start_ledgers(self, count: int, max_bad_fraction: float, min_samples: int) -> list:
+        """Rank 0 starts the ledgers, which live as long as it does; every rank learns their names, so that a
+        dataset that fails over its bad-sample limit is told apart on every rank from a failure a restart may
+        cure. A collective."""
+        from pipeline.data.ledger import attach_ledger, start_ledger
+
+        ledgers = [start_ledger(max_bad_fraction, min_samples) for _ in range(count)] if self.rank == 0 else None
+        names = self._broadcast([ledger.name for ledger in ledgers] if ledgers else None)
+        return ledgers or [attach_ledger(name, max_bad_fraction, min_samples) for name in names]
+
+    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
+                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0):
+        """Rank 0 builds the dataset and splits it into `world_size` streams (`equal`: trimmed to the same
+        row count); every rank gets its own. A collective."""
+        splits = None
+        if self.rank == 0:
+            from pipeline.data.datasets import build_image_dataset
+
+            dataset = build_image_dataset(shards, cfg, train=train, num_classes=num_classes, ledger=ledger,
+                                          shuffle_files=shuffle_files, first_epoch=first_epoch)
+            splits = dataset.streaming_split(self.world_size, equal=equal)
+        return self._broadcast(splits)[self.rank]
+
+    def _broadcast(self, value):
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]

@@ -1,28 +1,25 @@
 import argparse
+import contextlib
+import http.server
+import json
 import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
 from pipeline.benchmarks import train_speed
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     train_speed.add_arguments(parser)
     return parser.parse_args(argv)
-
-
-def test_mfu_arithmetic_and_peak_lookup():
-    # ViT-B/16 at 224: 35.2 GFLOPs forward; 3x for forward + backward
-    assert train_speed.mfu(35.2e9, 4000.0, 989e12) == pytest.approx(3 * 35.2e9 * 4000 / 989e12)
-    assert train_speed.mfu(1e9, 100.0, 1e12) == pytest.approx(0.3)
-    assert train_speed.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert train_speed.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert train_speed.peak_flops("NVIDIA H200") == 989e12
-    assert train_speed.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert train_speed.peak_flops("NVIDIA H100 80GB HBM3", peak_tflops=500) == 500e12
-    with pytest.raises(ValueError, match="--peak-tflops"):
-        train_speed.peak_flops("Some Future GPU")
 
 
 def test_train_benchmark_measures_all_three_modes(ray_local, capsys):
@@ -62,3 +59,65 @@ def test_train_benchmark_measures_all_three_modes(ray_local, capsys):
 
     out = capsys.readouterr().out
     assert "### Orchestration overhead" in out and "### Per-rank state bytes" in out and "### GPU" in out
+
+
+
+@contextlib.contextmanager
+def other_clusters_state_api():
+    """Another cluster's Ray state API on 127.0.0.1, which has never heard of this cluster's actors: it finds no
+    actor by any id. Yields its URL and the paths it was asked for."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            body = json.dumps({"result": True, "msg": "", "data": {"result": {
+                "result": [], "total": 0, "num_after_truncation": 0, "num_filtered": 0,
+                "partial_failure_warning": "", "warnings": None}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, name="other-state-api", daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_ray_state_api_address_comes_from_the_environment_first(monkeypatch):
+    # what start_local_ray relies on: Ray Train's PlacementGroupCleaner asks ray.util.state.get_actor with no address
+    # (ray/train/v2/_internal/state/util.py, is_actor_alive), and that reads RAY_API_SERVER_ADDRESS before
+    # RAY_ADDRESS or any cluster on the host (ray/dashboard/utils.py, get_address_for_submission_client)
+    from ray.util.state import get_actor
+
+    with other_clusters_state_api() as (other_cluster, asked):
+        monkeypatch.setenv("RAY_API_SERVER_ADDRESS", other_cluster)
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # no Ray there
+        assert get_actor("ab" * 16, timeout=5) is None
+    assert len(asked) == 1 and asked[0].startswith("/api/v0/actors?") and "ab" * 16 in asked[0], asked
+
+
+@pytest.mark.e2e
+def test_own_local_ray_never_asks_another_clusters_state_api():
+    # as after `eval "$(cluster/local.sh env)"`: asked there, Ray Train's PlacementGroupCleaner finds no such
+    # controller, takes it for dead and removes the run's placement group, killing the workers, if it has one by then
+    with other_clusters_state_api() as (other_cluster, asked):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        env |= {"RAY_API_SERVER_ADDRESS": other_cluster,
+                "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])}
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "jobs/benchmark.py"), "train", "--modes", "gpu", "--device", "cpu",
+             "--cores", "1", "--num-classes", "10", "--gpu-preset", "vit_demo_patch4_32", "--gpu-img-size", "32",
+             "--gpu-batch-size", "8", "--gpu-warmup", "1", "--gpu-steps", "20", "--peak-tflops", "1"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "### GPU" in done.stdout and "| cpu |" in done.stdout, done.stdout
+    assert asked == []  # no process of the benchmark's Ray asked the other cluster whether its controller lives

@@ -7,12 +7,18 @@ which is how it is tested without a GPU.
 """
 
 import argparse
-import dataclasses
 import statistics
 
 import torch
 
-from pipeline.benchmarks.train_harness import EngineLoop, bench_inputs, bench_job, report_json, run_steps, run_workers
+from pipeline.benchmarks.train_harness import (
+    EngineLoop,
+    bench_job,
+    bench_model_args,
+    report_json,
+    run_steps,
+    run_workers,
+)
 from pipeline.config import JobConfig, config_from_dict
 
 # dense bf16 peak FLOP/s by a substring of torch.cuda.get_device_name(); the longest matching key wins
@@ -45,14 +51,14 @@ def step_times_per_worker(config: dict) -> None:
     """Ray Train worker (gpu mode): the trainer's engine and step, warm-up then timed steps, reported."""
     import ray.train
 
-    from pipeline.train.loop import RunInputs, resolve_device
+    from pipeline.train.loop import resolve_device
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     job = config_from_dict(JobConfig, config["job"])
     context = ray.train.get_context()
     device = resolve_device(job, context.get_local_rank())
-    loop = EngineLoop(job, RunInputs(**config["inputs"]), context.get_world_size(), device, config["seed"])
+    loop = EngineLoop(job, config["model_args"], context.get_world_size(), device, config["seed"])
     run_steps(loop, config["warmup"])
     times_s, losses = run_steps(loop, config["steps"])
     result = {"step_times_s": times_s, "losses": losses, "dtype": str(loop.dtype).removeprefix("torch."),
@@ -70,13 +76,13 @@ def measure_gpu(args: argparse.Namespace, storage_path: str) -> dict:
     use_gpu = args.device == "cuda"
     if use_gpu and not torch.cuda.is_available():
         raise SystemExit("gpu mode needs CUDA here (or --device cpu to check the harness on the CPU)")
-    inputs = bench_inputs(args.gpu_preset, args.gpu_img_size, args.num_classes)
+    model_args = bench_model_args(args.gpu_preset, args.gpu_img_size, args.num_classes)
     job = bench_job(preset=args.gpu_preset, img_size=args.gpu_img_size, batch_size_per_worker=args.gpu_batch_size,
                     num_workers=1, zero_stage=args.gpu_zero_stage, device=args.device,
                     steps=args.gpu_warmup + args.gpu_steps)
     forward_flops = flops_per_image(build_model(args.gpu_preset, img_size=args.gpu_img_size,
                                                 num_classes=args.num_classes))
-    config = {"job": job.to_dict(), "inputs": dataclasses.asdict(inputs), "seed": 0, "warmup": args.gpu_warmup,
+    config = {"job": job.to_dict(), "model_args": model_args, "seed": 0, "warmup": args.gpu_warmup,
               "steps": args.gpu_steps, "threads": 0 if use_gpu else args.cores}
     result = run_workers(step_times_per_worker, config, num_workers=1, cpus_per_worker=1 if use_gpu else args.cores,
                          use_gpu=use_gpu, storage_path=storage_path, name="gpu")[0]

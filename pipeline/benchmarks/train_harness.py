@@ -31,13 +31,12 @@ def bench_job(*, preset: str, img_size: int, batch_size_per_worker: int, num_wor
     return job.validate()
 
 
-def bench_inputs(preset: str, img_size: int, num_classes: int):
+def bench_model_args(preset: str, img_size: int, num_classes: int) -> dict:
+    """`VisionTransformer(**model_args)` of a preset, as the resolved job holds them (plain lists, no tuples)."""
     from pipeline.model import preset_kwargs
-    from pipeline.train.loop import RunInputs
 
     model_args = preset_kwargs(preset, img_size=img_size, num_classes=num_classes)
-    model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()}
-    return RunInputs(model_args=model_args, classes=[str(i) for i in range(num_classes)])
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()}
 
 
 def make_batch(batch_size: int, img_size: int, num_classes: int, seed: int, device: str | torch.device = "cpu",
@@ -57,13 +56,13 @@ def synchronize(device: torch.device) -> None:
 class EngineLoop:
     """The trainer's own engine (`build_engine`) and step (`train_step`) on one in-memory batch."""
 
-    def __init__(self, job: JobConfig, inputs, world_size: int, device: torch.device, seed: int):
+    def __init__(self, job: JobConfig, model_args: dict, world_size: int, device: torch.device, seed: int):
         from pipeline.train.loop import build_engine
 
         self.job, self.device = job, device
-        self.engine, self.dtype = build_engine(job, inputs, world_size, device)
+        self.engine, self.dtype = build_engine(job, model_args, world_size, device)
         self.images, self.targets = make_batch(job.train.global_batch_size // world_size, job.data.img_size,
-                                               len(inputs.classes), seed, device, self.dtype)
+                                               model_args["num_classes"], seed, device, self.dtype)
 
     def step(self) -> torch.Tensor:
         from pipeline.train.loop import train_step

@@ -13,7 +13,6 @@ loop's median in the same round).
 """
 
 import argparse
-import dataclasses
 import statistics
 
 import torch
@@ -21,8 +20,8 @@ import torch.nn.functional as F
 
 from pipeline.benchmarks.train_harness import (
     EngineLoop,
-    bench_inputs,
     bench_job,
+    bench_model_args,
     make_batch,
     report_json,
     run_steps,
@@ -35,19 +34,19 @@ class PlainLoop:
     """The trainer's step with no Ray and no DeepSpeed: forward, smoothed cross-entropy, backward, gradient
     clipping, AdamW over our param groups, schedule step, zero_grad; the same initial weights as build_engine."""
 
-    def __init__(self, job: JobConfig, inputs, seed: int):
+    def __init__(self, job: JobConfig, model_args: dict, seed: int):
         from pipeline.model import VisionTransformer
         from pipeline.train.optim import build_optimizer, build_scheduler
 
         torch.manual_seed(job.train.seed)
-        self.model = VisionTransformer(**inputs.model_args).train()
+        self.model = VisionTransformer(**model_args).train()
         optim = self.optim = job.optim
         self.optimizer = build_optimizer(self.model, lr=optim.lr, weight_decay=optim.weight_decay,
                                          betas=optim.betas, eps=optim.eps, layer_decay=optim.layer_decay)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=optim.warmup_steps,
                                          total_steps=job.train.steps, min_lr_ratio=optim.min_lr_ratio)
-        self.images, self.targets = make_batch(job.train.global_batch_size, job.data.img_size, len(inputs.classes),
-                                               seed)
+        self.images, self.targets = make_batch(job.train.global_batch_size, job.data.img_size,
+                                               model_args["num_classes"], seed)
         self.device = torch.device("cpu")
 
     def step(self) -> torch.Tensor:
@@ -88,16 +87,16 @@ def overhead_per_worker(config: dict) -> None:
     import ray
     import ray.train
 
-    from pipeline.train.loop import RunInputs, resolve_device
+    from pipeline.train.loop import resolve_device
 
     threads_given = torch.get_num_threads()  # what Ray set up for the worker's CPUs (OMP_NUM_THREADS)
     torch.set_num_threads(config["threads"])
-    inputs = RunInputs(**config["inputs"])
+    model_args = config["model_args"]
     context = ray.train.get_context()
     loops = {}
     for name, job_dict in config["jobs"].items():
         job = config_from_dict(JobConfig, job_dict)
-        loops[name] = EngineLoop(job, inputs, context.get_world_size(),
+        loops[name] = EngineLoop(job, model_args, context.get_world_size(),
                                  resolve_device(job, context.get_local_rank()), config["seed"])
     baton = config["baton"]
     results = {name: {"turns": [], "losses": [], "threads_given": threads_given, "threads": torch.get_num_threads()}
@@ -126,7 +125,7 @@ def measure_overhead(args: argparse.Namespace, storage_path: str) -> dict:
     import ray
 
     stages = [int(s) for s in args.zero_stages.split(",") if s.strip()]
-    inputs = bench_inputs(args.preset, args.img_size, args.num_classes)
+    model_args = bench_model_args(args.preset, args.img_size, args.num_classes)
 
     def job_for(stage: int) -> JobConfig:
         return bench_job(preset=args.preset, img_size=args.img_size, batch_size_per_worker=args.batch_size,
@@ -143,7 +142,7 @@ def measure_overhead(args: argparse.Namespace, storage_path: str) -> dict:
         """The plain loop's turns, and the baton passed to each engine in order."""
         try:
             torch.set_num_threads(args.cores)  # in this thread (OpenMP's thread count is per calling thread)
-            plain = PlainLoop(job_for(0), inputs, seed=0)
+            plain = PlainLoop(job_for(0), model_args, seed=0)
             plain_result["threads"] = torch.get_num_threads()
 
             def turn(name: str, steps: int, timed: bool) -> None:
@@ -171,7 +170,7 @@ def measure_overhead(args: argparse.Namespace, storage_path: str) -> dict:
 
     driver = threading.Thread(target=drive, name="plain-loop", daemon=True)
     config = {"jobs": {name: job_for(stage).to_dict() for name, stage in zip(names[1:], stages, strict=True)},
-              "inputs": dataclasses.asdict(inputs), "seed": 0, "threads": args.cores, "baton": baton}
+              "model_args": model_args, "seed": 0, "threads": args.cores, "baton": baton}
     driver.start()
     try:
         worker = run_workers(overhead_per_worker, config, num_workers=1, cpus_per_worker=args.cores, use_gpu=False,

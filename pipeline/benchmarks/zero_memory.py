@@ -23,13 +23,12 @@ optimizer) without the buckets and with them.
 """
 
 import argparse
-import dataclasses
 import time
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.benchmarks.train_harness import bench_inputs, bench_job, make_batch, report_json, run_workers
+from pipeline.benchmarks.train_harness import bench_job, bench_model_args, make_batch, report_json, run_workers
 from pipeline.config import JobConfig, config_from_dict
 
 CATEGORIES = ("params", "grads", "optimizer", "buckets")
@@ -111,21 +110,21 @@ def state_bytes_per_worker(config: dict) -> None:
 
     import ray.train
 
-    from pipeline.train.loop import RunInputs, build_engine, train_step
+    from pipeline.train.loop import build_engine, train_step
 
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    inputs = RunInputs(**config["inputs"])
+    model_args = config["model_args"]
     device = torch.device("cpu")
     per_run = {}
     for key, job_dict in config["jobs"].items():
         job = config_from_dict(JobConfig, job_dict)
         start = time.perf_counter()
-        engine, dtype = build_engine(job, inputs, world_size, device)
+        engine, dtype = build_engine(job, model_args, world_size, device)
         build_s = time.perf_counter() - start
         images, targets = make_batch(job.train.global_batch_size // world_size, job.data.img_size,
-                                     len(inputs.classes), config["seed"] + rank, device, dtype)
+                                     model_args["num_classes"], config["seed"] + rank, device, dtype)
         smoothing = job.optim.label_smoothing
         train_step(engine, images, targets, micro_batch=len(images), accum=1, label_smoothing=smoothing)
         engine.backward(F.cross_entropy(engine(images).float(), targets, label_smoothing=smoothing))
@@ -143,13 +142,13 @@ def state_bytes_per_worker(config: dict) -> None:
 def measure_memory(args: argparse.Namespace, storage_path: str) -> list[dict]:
     """Per rank: {"fp32 ZeRO-0": {"bytes": {category: n}, "largest": {path: n}, "num_params": n}, ...}."""
     world_size = 2
-    inputs = bench_inputs(args.memory_preset, args.memory_img_size, args.num_classes)
+    model_args = bench_model_args(args.memory_preset, args.memory_img_size, args.num_classes)
     jobs = {f"{precision} ZeRO-{stage}": bench_job(
         preset=args.memory_preset, img_size=args.memory_img_size, batch_size_per_worker=args.memory_batch_size,
         num_workers=world_size, zero_stage=stage, device="cpu", steps=2, precision=precision).to_dict()
         for precision in args.memory_precisions.split(",") for stage in (0, 1, 2, 3)}
     cpus = max(args.cores // world_size, 1)
-    config = {"jobs": jobs, "inputs": dataclasses.asdict(inputs), "seed": 0, "threads": cpus}
+    config = {"jobs": jobs, "model_args": model_args, "seed": 0, "threads": cpus}
     return run_workers(state_bytes_per_worker, config, num_workers=world_size, cpus_per_worker=cpus, use_gpu=False,
                        storage_path=storage_path, name="memory")
 

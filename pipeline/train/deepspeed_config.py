@@ -7,10 +7,9 @@ BUCKET_ALIGNMENT = 512
 
 
 def build_deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
-                           bf16: bool, grad_clip: float, offload_optimizer: bool = False,
-                           optimizer: dict | None = None, num_params: int = 0) -> dict:
-    """`optimizer` is DeepSpeed's own optimizer section (fused AdamW on GPU); None means the caller passes a
-    torch optimizer instance, which on CPU avoids JIT-building fused_adam.
+                           bf16: bool, grad_clip: float, offload_optimizer: bool = False, num_params: int = 0) -> dict:
+    """The caller passes a torch optimizer instance to `deepspeed.initialize`, so the config has no optimizer
+    section (on the CPU that avoids JIT-building DeepSpeed's fused_adam).
 
     With `num_params`, ZeRO's communication buckets are capped at the model's size, rounded up to
     `BUCKET_ALIGNMENT`: DeepSpeed's default of 5e8 elements is allocated whole by ZeRO-3 (1.9 GiB per rank in
@@ -30,7 +29,7 @@ def build_deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, worl
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    config = {
+    return {
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
@@ -41,6 +40,3 @@ def build_deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, worl
         "steps_per_print": 10**9,  # our own log lines replace DeepSpeed's
         "wall_clock_breakdown": False,
     }
-    if optimizer is not None:
-        config["optimizer"] = optimizer
-    return config

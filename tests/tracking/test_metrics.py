@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.internals import bounded_mlflow_http
 from pipeline.tracking.metrics import MetricLogger
 from pipeline.tracking.runs import start_job_run
 
@@ -159,18 +158,6 @@ def test_a_full_queue_drops_new_records_and_counts_them(dead_uri, caplog):
     assert logger.pending == 10 and logger.dropped == 20
     assert sum("is full" in w for w in _warnings(caplog)) == 1
     logger.close(timeout_s=0.5)
-
-
-def test_bounded_http_settings_apply_inside_and_are_restored(monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
-
-    with bounded_mlflow_http(3):
-        with bounded_mlflow_http(3):
-            assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 3 and MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0
-        assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 3  # still inside the outer block
-    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 120 and MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 7
 
 
 def test_a_resent_batch_is_stored_once(any_store):

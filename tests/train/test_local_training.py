@@ -3,8 +3,11 @@ of the loop (shard-granular resume, the EMA across a resume) checked exactly, in
 
 import itertools
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -121,3 +124,21 @@ def test_resume_reads_the_shards_not_done_and_carries_the_ema(tars, tmp_path):
     assert_ema_step(weights(first, "model_ema.safetensors"), weights(b["checkpoints"][0]),
                     weights(b["checkpoints"][0], "model_ema.safetensors"), 0.5)
     assert not np.allclose(weights(first)["head.weight"], weights(first, "model_ema.safetensors")["head.weight"])
+
+
+def test_the_readme_runs_the_loop_in_one_process(tmp_path):
+    """The README's snippet, as written, from a folder holding the demo's shards and the jobs' configs."""
+    from pipeline.data.shard_writer import ensure_digits_shards
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "LocalContext" in block]
+    os.symlink(root / "jobs", tmp_path / "jobs")
+    ensure_digits_shards(str(tmp_path / "data" / "digits" / "train-*.tar"), img_size=32)
+    env = {**os.environ, "VIT_PIPELINE_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step, epoch, _ = result.stdout.strip().splitlines()[-1].split()
+    assert (int(step), int(epoch)) == (20, 0)
+    assert sorted(os.listdir(tmp_path / "runs" / "local")) == ["checkpoint_000000"]  # at the end (every 200 steps)

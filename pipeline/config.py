@@ -257,7 +257,7 @@ class JobConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        return yaml.safe_dump(plain(self.to_dict()), sort_keys=False)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -376,12 +376,12 @@ def _nest(keys: list[str], value) -> dict:
     return value
 
 
-def _plain(value):
+def plain(value):
     """Tuples become lists so that YAML stays readable and safe_load-able."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from pipeline import storage
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, JobConfig, plain
 from pipeline.data.shard_set import ShardSet, read_shard_set
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class ResolvedJob:
         return params
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(self.record()), sort_keys=False)
+        return yaml.safe_dump(plain(self.record()), sort_keys=False)
 
 
 def resolve_job(job: JobConfig, kind: str) -> tuple[ResolvedJob, dict[str, torch.Tensor] | None]:
@@ -181,7 +181,7 @@ def resolve_model(job: JobConfig, classes: list[str]) -> dict:
             VisionTransformer(**model_args)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from err
-    return _plain(model_args)
+    return plain(model_args)
 
 
 def check_resumable(path: str, model_args: dict) -> None:
@@ -250,10 +250,3 @@ def fit_init_weights(source, model_args: dict, *, reset_head: bool) -> tuple[Ini
                     reset_head=weights.reset_head)
     return plan, weights.state_dict
 
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

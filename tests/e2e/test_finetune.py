@@ -88,7 +88,10 @@ def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_loc
             argv = [word.replace(key, value) for word in argv]
         assert job_main(Path(words[0]).stem)([*argv, "--dry-run"]) == 0, words
         resolved = yaml.safe_load(capsys.readouterr().out)
-        assert resolved["data"]["train"].startswith(str(tmp_path / "data" / "digits")), resolved["data"]
-        sizes.append((Path(words[0]).stem, resolved["data"]["img_size"], resolved["init_from"]))
+        job = resolved["job"]
+        assert job["data"]["train"].startswith(str(tmp_path / "data" / "digits")), job["data"]
+        assert resolved["train_shards"]["num_samples"] == 1438 and resolved["model_args"]["img_size"] == \
+            job["data"]["img_size"]
+        sizes.append((Path(words[0]).stem, job["data"]["img_size"], job["init_from"]))
     run = f"runs:/{pretrain_id}"
     assert sizes == [("pretrain", 32, ""), ("finetune", 48, run), ("pretrain", 32, ""), ("finetune", 64, run)]

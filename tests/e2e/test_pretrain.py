@@ -104,11 +104,12 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
 
     # ZeRO-3, which partitions the parameters themselves: the restart restores partitioned weights and optimizer
     # state, and every checkpoint gathers the weights to save them. ZeRO-2 (the default) runs in the other jobs.
-    run = prepare(tiny_job(digits_shards, tmp_path, "train.zero_stage=3", "train.steps=40", "optim.lr=2e-3",
-                           "train.checkpoint_every_n_steps=10", "train.eval_every_n_steps=0", "train.max_failures=1"))
-    job = run.job
+    resolved = prepare(tiny_job(digits_shards, tmp_path, "train.zero_stage=3", "train.steps=40", "optim.lr=2e-3",
+                                "train.checkpoint_every_n_steps=10", "train.eval_every_n_steps=0",
+                                "train.max_failures=1"))
+    job = resolved.job
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=run_job(run)))
+    thread = threading.Thread(target=lambda: outcome.update(result=run_job(resolved)))
     thread.start()
     runs = tmp_path / "runs"
     deadline = time.time() + 300
@@ -154,7 +155,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     first_values = [min(values[step]) for step in sorted(values)]
     assert statistics.mean(first_values[-6:]) < statistics.mean(first_values[:6]) - 0.05, first_values
     assert json.loads((Path(result.checkpoint_path) / STATE_FILE).read_text())["step"] == 40
-    check_consolidated(run, result)
+    check_consolidated(resolved, result)
 
 
 def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job, s3_store):

@@ -50,7 +50,9 @@ def ray_local(s3_store):
     import ray
 
     # the dashboard serves Ray's state API, which the fault tests use to find worker processes
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    from pipeline.train.launch import own_dashboard
+
+    ray.init(num_cpus=4, configure_logging=False, **own_dashboard())
     yield ray
     ray.shutdown()
 

@@ -23,7 +23,6 @@ holds the flags, the local Ray and the order the modes run in.
 import argparse
 import os
 import platform
-import socket
 import sys
 import tempfile
 from datetime import date
@@ -88,21 +87,12 @@ def print_header(args: argparse.Namespace, device: str) -> None:
 
 
 def start_local_ray(num_cpus: int) -> None:
-    """A local Ray with its own dashboard, which every process of this Ray asks for Ray's state API.
-
-    Ray Train's PlacementGroupCleaner asks the state API whether the controller is alive, at the address in
-    RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else the newest `ray start` cluster on the host. Another cluster's
-    finds no such actor: the cleaner takes the controller for dead and removes the placement group, killing the
-    workers mid-run. The job's runtime_env sets RAY_API_SERVER_ADDRESS to this Ray's dashboard in all its
-    processes; the port is fixed here, so Ray fails to start rather than serve the dashboard on another one."""
+    """A local Ray that asks its own dashboard for Ray's state API (`launch.own_dashboard`), quiet."""
     import ray
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dashboard_port = probe.getsockname()[1]
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
-             configure_logging=False, log_to_driver=False)
+    from pipeline.train.launch import own_dashboard
+
+    ray.init(num_cpus=num_cpus, configure_logging=False, log_to_driver=False, **own_dashboard())
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -12,6 +12,7 @@ pipeline/storage.py.
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -67,8 +68,23 @@ def start_ray(local_num_cpus: int | None = None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=local_num_cpus, dashboard_host="127.0.0.1", include_dashboard=True)
+        ray.init(num_cpus=local_num_cpus, **own_dashboard())
     return ray
+
+
+def own_dashboard() -> dict:
+    """`ray.init` options for a local Ray whose processes ask its own dashboard for Ray's state API.
+
+    Ray Train's PlacementGroupCleaner asks the state API whether the controller is alive, at the address in
+    RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else the newest `ray start` cluster on the host. Another cluster's
+    finds no such actor: the cleaner takes the controller for dead and removes the placement group, killing the
+    workers mid-run. The job's runtime_env sets RAY_API_SERVER_ADDRESS to this Ray's dashboard in all its
+    processes; the port is fixed here, so Ray fails to start rather than serve the dashboard on another one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 
 def run_job(run: ResolvedJob, init_state=None) -> JobResult:

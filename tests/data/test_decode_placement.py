@@ -16,7 +16,8 @@ def decode_tasks_requesting(resource: str, expected: int, timeout_s: float = 30.
 
     deadline = time.monotonic() + timeout_s
     while True:
-        tasks = [task for task in list_tasks(detail=True, limit=10_000, raise_on_missing_output=False)
+        tasks = [task for task in list_tasks(address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000,
+                                             raise_on_missing_output=False)
                  if resource in (task.required_resources or {}) and task.state == "FINISHED"]
         if len(tasks) >= expected or time.monotonic() > deadline:
             return tasks

@@ -175,6 +175,7 @@ class TrainConfig:
     stop_after_steps: int = 0  # end this run at this step with a checkpoint (time-limited slots); 0 runs to the end
     storage_path: str = ""  # where Ray Train keeps checkpoints (shared storage on multi-node); "" is ./runs
     run_name: str = ""  # Ray Train run name (same name + storage resumes); "" derives one from the job and time
+    verbose: bool = False  # print the libraries' known chatter too (pipeline/console.py); or VIT_PIPELINE_VERBOSE=1
 
     def grad_accum_steps(self) -> int:
         return self.global_batch_size // (self.num_workers * self.micro_batch_size_per_worker())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,6 +75,27 @@ def use_weights_only_loading(engine) -> None:
     checkpoint_engine = WeightsOnlyCheckpointEngine()
     checkpoint_engine.zipfile_serialization = True
     engine.checkpoint_engine = checkpoint_engine
+
+
+def skip_forwarded_lines(pattern: str | None) -> bool:
+    """Make the driver drop the worker lines Ray forwards to it that match `pattern` (None: only the user's
+    RAY_DEDUP_LOGS_SKIP_REGEX, as Ray would), beside a pattern of the user's own. Ray's documented
+    RAY_DEDUP_LOGS_SKIP_REGEX sets this filter, but Ray reads it once, when `ray` is imported, before a job has
+    read its config; so the pattern goes on the objects it configures, the private `stdout_deduplicator` and
+    `stderr_deduplicator` (their `skip_re`). Returns False where this Ray has no such filter."""
+    user = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
+    combined = "|".join(f"(?:{p})" for p in (user, pattern) if p)
+    try:
+        from ray._private.ray_logging import stderr_deduplicator, stdout_deduplicator
+    except ImportError as err:
+        log.warning("Ray's filter of forwarded worker lines is not where it was (%s): its chatter shows", err)
+        return False
+    for deduplicator in (stdout_deduplicator, stderr_deduplicator):
+        if not hasattr(deduplicator, "skip_re"):
+            log.warning("Ray's filter of forwarded worker lines has no skip_re: its chatter shows")
+            return False
+        deduplicator.skip_re = re.compile(combined) if combined else None
+    return True
 
 
 MLFLOW_HTTP_BOUNDS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 import pipeline.data.datasets  # noqa: F401  (importing it sets how often an execution polls its resource limits)
-from pipeline.internals import LIMITS_REFRESH_S, bounded_mlflow_http, pin_data_stats_to_this_node
+from pipeline.internals import LIMITS_REFRESH_S, bounded_mlflow_http, pin_data_stats_to_this_node, skip_forwarded_lines
 
 
 def stamp_start(batch: dict) -> dict:
@@ -106,3 +106,18 @@ def test_bounded_mlflow_requests_give_up_within_their_timeout():
         with bounded_mlflow_http(1), pytest.raises(MlflowException, match="timed out|Max retries|Read timed"):
             client.get_experiment("0")
         assert time.monotonic() - started < 5  # unbounded, MLflow would wait 120 s per try, 8 tries
+
+
+def test_forwarded_worker_lines_are_skipped_by_rays_own_filter(monkeypatch):
+    # tests/test_console.py checks the whole quiet list through the same filter
+    from ray._private.ray_logging import stdout_deduplicator
+
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+    batch = {"ip": "192.0.2.2", "pid": 902_001, "task_name": None, "actor_name": "SplitCoordinator", "is_err": False,
+             "lines": ["noise 1", "kept 1"]}
+    try:
+        assert skip_forwarded_lines("^noise")
+        assert [line for out in stdout_deduplicator.deduplicate(batch) for line in out["lines"]] == ["kept 1"]
+    finally:
+        skip_forwarded_lines(None)
+        stdout_deduplicator.flush()

@@ -3,7 +3,7 @@
 The loop (loop.py) talks to a `TrainContext` and to nothing of Ray:
 
     rank, local_rank, world_size
-    report(metrics, checkpoint_dir)       a barrier: every rank calls it equally often
+    report(metrics, checkpoint_dir)       a barrier: every rank calls it equally often; where it stored it
     latest_checkpoint()                   the checkpoint to restart from (a context manager), or None
     start_ledgers(count, ...)             bad-sample ledgers, one per dataset (a collective)
     image_stream(shards, cfg, ...)        this rank's stream of decoded rows of a ShardSet (a collective)
@@ -39,7 +39,7 @@ class TrainContext(Protocol):
     local_rank: int
     world_size: int
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None: ...
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> str | None: ...
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
 
@@ -83,12 +83,14 @@ class LocalContext:
                           MASTER_PORT=str(port))
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> str | None:
         self.reports.append(dict(metrics))
-        if checkpoint_dir is not None:
-            target = self.storage_dir / f"checkpoint_{len(self.checkpoints):06d}"
-            shutil.copytree(checkpoint_dir, target)
-            self.checkpoints.append(target)
+        if checkpoint_dir is None:
+            return None
+        target = self.storage_dir / f"checkpoint_{len(self.checkpoints):06d}"
+        shutil.copytree(checkpoint_dir, target)
+        self.checkpoints.append(target)
+        return str(target)
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:

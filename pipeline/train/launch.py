@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-from pipeline import storage
+from pipeline import console, storage
 from pipeline.train.context import JobFailed
 from pipeline.train.resolved_job import ResolvedJob
 
@@ -53,8 +53,7 @@ def parse_job_args(argv, *, doc: str, demo_config, sections: str, overrides_help
                         help="check the job (config, shards, model, init weights, tracking store), print the resolved "
                              "job, and stop before Ray starts")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    console.driver_console()
     return args
 
 
@@ -102,6 +101,8 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
 
     start_ray()
     train_cfg = run.job.train
+    verbose = console.is_verbose(train_cfg.verbose)
+    console.quiet_driver(verbose)  # and worker_runtime_env below: the known library lines (pipeline/console.py)
     use_gpu = train_cfg.device == "cuda" or (train_cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     job = dataclasses.replace(run.job, train=dataclasses.replace(train_cfg, device="cuda" if use_gpu else "cpu"))
     run = dataclasses.replace(run, job=job)
@@ -118,6 +119,7 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run.run_name, storage_path=run.storage_path, callbacks=[EndOnJobFailed()],
+                             worker_runtime_env=console.worker_runtime_env(verbose),
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints)),
     )

@@ -11,13 +11,14 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline import storage
 from pipeline.config import ConfigError, JobConfig
+from pipeline.console import is_verbose, worker_console
 from pipeline.internals import use_weights_only_loading
 from pipeline.train.checkpoint import (
     EMA_WEIGHTS_FILE,
@@ -43,19 +44,6 @@ def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], *, r
     allowed_missing = {"head.weight", "head.bias"} if reset_head else set()
     if set(missing) - allowed_missing or unexpected:
         raise RuntimeError(f"init weights do not fit the model: missing {missing}, unexpected {unexpected}")
-
-
-def configure_worker_logging() -> None:
-    """Our INFO lines reach the driver; torch's deprecation warning for the collectives that DeepSpeed's ZeRO
-    calls on every step does not."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    logger = logging.getLogger("pipeline")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # Ray Train's root handlers would print every line a second time
 
 
 def resolve_device(job: JobConfig, local_rank: int) -> torch.device:
@@ -183,8 +171,8 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                  ) -> LoopState:
     """Train to `train.steps` (or `stop_after_steps`), resuming from the context's latest checkpoint or
     `train.resume_from`. `init_state`: a fine-tune's starting weights (run.init says whether the head is new)."""
-    configure_worker_logging()
     job = run.job
+    worker_console(is_verbose(job.train.verbose))  # our lines; the libraries' known ones quiet (pipeline/console.py)
     train_cfg, data_cfg, rank, world_size = job.train, job.data, ctx.rank, ctx.world_size
     if train_cfg.num_workers != world_size:
         raise ConfigError(f"train.num_workers is {train_cfg.num_workers} but the context has {world_size} ranks")
@@ -264,9 +252,11 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                 with tempfile.TemporaryDirectory(prefix="vit-checkpoint-") as directory:
                     save_checkpoint_collective(engine, directory, rank=rank, state=state, model_config=run.record(),
                                                ema_weights=ema.state_dict() if ema is not None else None)
-                    ctx.report({"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
-                                **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
-                                **{f"last_{k}": v for k, v in last_val.items()}}, directory)
+                    location = ctx.report({"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
+                                           **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
+                                           **{f"last_{k}": v for k, v in last_val.items()}}, directory)
+                if rank == 0 and location:
+                    log.info("checkpoint step %d: %s", state.step, storage.to_uri(run.storage_path, location))
     except Exception:
         # Ray Data hands the trainer a wrapper of a decode task's error without its cause; the ledgers say
         # whether it was the bad-sample limit

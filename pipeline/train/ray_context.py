@@ -20,8 +20,10 @@ from pipeline.train.context import JobFailed
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: `config` holds the resolved job and a reference to the init weights."""
+    from pipeline.console import is_verbose, ray_data_console
     from pipeline.train.loop import run_training
 
+    ray_data_console(is_verbose(config["run"].job.train.verbose))
     init_state = config.get("init_state")
     if isinstance(init_state, ray.ObjectRef):
         init_state = ray.get(init_state)
@@ -66,10 +68,14 @@ class RayTrainContext:
         self.local_rank = context.get_local_rank()
         self.world_size = context.get_world_size()
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-        """A barrier: every rank calls it equally often, each with its own checkpoint files (ZeRO shards)."""
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> str | None:
+        """A barrier: every rank calls it equally often, each with its own checkpoint files (ZeRO shards).
+        Returns where Ray stored the checkpoint (a path on the storage's filesystem), None when it stored none."""
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        before = ray.train.get_checkpoint()
         ray.train.report(metrics, checkpoint=checkpoint)
+        stored = ray.train.get_checkpoint()  # a report Ray skipped (a worker lost meanwhile) leaves it as it was
+        return stored.path if checkpoint is not None and stored is not None and stored is not before else None
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:

@@ -62,14 +62,13 @@ def center_box(width: int, height: int, crop_pct: float) -> Box:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int,
-                 ledger=None, seed: int | None = None,
-                 shard_ids: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int, ledger=None,
+                 seed: int | None = None, shard_ids: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Raw rows (tar_reader.ROW_SCHEMA) -> {"image": uint8 (N, 3, S, S), "label": int64 (N,)} of the good rows,
     plus "shard" int32 (N,), the index of each row's shard in `shard_ids`, when that is given.
 
-    Bad rows are dropped and reported to `ledger` (bad_samples.py; it raises once too many are bad). `seed` fixes the
-    augmentation draws of this batch; without it each call draws fresh entropy.
+    Bad rows are dropped and reported to `ledger` (bad_samples.py; it raises once too many are bad). `seed` fixes
+    the augmentation draws of this batch; without it each call draws fresh entropy.
     """
     transform = ImageTransform(cfg, train)
     keys, urls = batch["__key__"], batch["__url__"]

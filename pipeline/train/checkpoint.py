@@ -5,7 +5,7 @@ A checkpoint directory holds:
     deepspeed/            every rank's ZeRO shards (model, optimizer, scheduler, loop state) to resume from
     model.safetensors     the full fp32 weights with timm key names, gathered from the ZeRO partitions
     model_ema.safetensors the exponential moving average of the weights, when the run keeps one
-    config.json           the model arguments (`VisionTransformer(**model_args)`), classes, the job config
+    config.json           the resolved job: model arguments (`VisionTransformer(**model_args)`), classes, the job
     train_state.json      the loop and data position: step, epoch, shards of the epoch already consumed
 
 Every rank writes into its own local directory and reports it; Ray Train merges the ranks' files into one
@@ -59,7 +59,7 @@ def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint_collective(engine, directory: str | Path, *, rank: int, state: LoopState, model_config: dict,
-                    ema_weights: dict[str, torch.Tensor] | None = None) -> None:
+                               ema_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Every rank (a collective): DeepSpeed shards, then the gathered weights; rank 0 also writes the files that
     need one copy."""
     directory = Path(directory)

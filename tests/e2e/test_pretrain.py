@@ -1,5 +1,7 @@
-"""Pretraining end to end: DeepSpeed ZeRO on 2 CPU workers under Ray Train, checkpoints, resume at shard
-granularity, a worker killed mid-run, and the errors a user meets before Ray starts."""
+"""Pretraining end to end: DeepSpeed ZeRO on 2 CPU workers under Ray Train, checkpoints, a worker killed mid-run
+(Ray Train's restart from the latest checkpoint), and the errors a user meets before Ray starts. Resuming with
+`train.resume_from` at shard granularity is checked exactly, through the same loop, in one process
+(tests/train/test_local_training.py)."""
 
 import json
 import os
@@ -19,7 +21,6 @@ from pipeline.model import VisionTransformer
 from pipeline.train.checkpoint import STATE_FILE, read_weights
 from pipeline.train.inputs import InputPipeline
 from pipeline.train.launch import run_job
-from pipeline.train.optim import lr_multiplier
 from pipeline.train.resolved_job import resolve_job
 
 pytestmark = pytest.mark.e2e
@@ -55,47 +56,6 @@ def check_consolidated(run, result) -> None:
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert (model(images) - theirs(images)).abs().max().item() <= 1e-5
-
-
-def test_resume_continues_the_step_count_and_the_epoch_at_shard_granularity(ray_local, digits_shards, tmp_path,
-                                                                            tiny_job, metric_history):
-    steps, half = 60, 30  # 1437 train images / 32 = 44 steps per epoch: the stop falls inside epoch 0
-    common = (f"train.steps={steps}", "train.checkpoint_every_n_steps=30", "train.eval_every_n_steps=0",
-              "data.prefetch_batches=1", "optim.lr=2e-3")  # ZeRO-2, the default
-    first = run_job(prepare(tiny_job(digits_shards, tmp_path, *common, f"train.stop_after_steps={half}")))
-    state = json.loads((Path(first.checkpoint_path) / STATE_FILE).read_text())
-    assert state["step"] == half and state["epoch"] == 0
-    assert 1 <= len(state["shards_done"]) < 8
-    run = prepare(tiny_job(digits_shards, tmp_path, *common, f"train.resume_from={first.checkpoint_path}"))
-    second = run_job(run)
-    job = run.job
-    assert second.metrics["step"] == steps
-
-    # the counter continues, the schedule (the lr each step used) goes on where it stopped, and so does the loss,
-    # not from the untrained model's, which the first steps of the first run show
-    resumed = metric_history(second.tracking_uri, second.run_id, "train/loss")
-    assert [step for step, _ in resumed] == list(range(half + 1, steps + 1))
-    lrs = dict(metric_history(first.tracking_uri, first.run_id, "train/lr"))
-    lrs.update(metric_history(second.tracking_uri, second.run_id, "train/lr"))
-    assert [lrs[step] for step in range(1, steps + 1)] == pytest.approx(
-        [job.optim.lr * lr_multiplier(step - 1, warmup_steps=job.optim.warmup_steps, total_steps=steps,
-                                      min_lr_ratio=job.optim.min_lr_ratio) for step in range(1, steps + 1)], rel=1e-6)
-    before = [value for _, value in metric_history(first.tracking_uri, first.run_id, "train/loss")]
-    after = [value for _, value in resumed]
-    assert statistics.mean(after[:6]) == pytest.approx(statistics.mean(before[-6:]), abs=0.15)
-    assert statistics.mean(after[:6]) < statistics.mean(before[:6]) - 0.05, (before, after)
-
-    # The resumed epoch read only the shards not finished before the stop: its length in steps is what those
-    # shards hold (partly read shards are read again), after which epoch 1 begins.
-    manifest = json.loads((digits_shards / "train.manifest.json").read_text())
-    done = {Path(path).name for path in state["shards_done"]}
-    left = sum(shard["num_samples"] for shard in manifest["shards"] if shard["name"] not in done)
-    epochs = dict(metric_history(second.tracking_uri, second.run_id, "train/epoch"))
-    first_step_of_epoch_1 = min(step for step, epoch in epochs.items() if epoch == 1)
-    assert first_step_of_epoch_1 == half + left // 32 + 1
-    final = json.loads((Path(second.checkpoint_path) / STATE_FILE).read_text())
-    assert final["epoch"] == 1 and final["images_seen"] == steps * 32
-    check_consolidated(run, second)
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shards, tmp_path, tiny_job,

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from pipeline.data.epochs import shard_order
 from pipeline.data.shard_writer import index_shards
+from pipeline.train.optim import lr_multiplier
 
 # Run in a fresh interpreter: what it imports is what the local path needs, and the test process's own Ray and
 # process group stay out of it.
@@ -33,6 +35,7 @@ for name, overrides in args["runs"]:
     out[name] = {"step": state.step, "images_seen": state.images_seen,
                  "checkpoints": [str(path) for path in ctx.checkpoints],
                  "report_steps": [report["step"] for report in ctx.reports],
+                 "lrs": [report["train/lr"] for report in ctx.reports],
                  "orders": [stream.orders for stream in ctx.streams if stream.train]}
 out["ray_imported"] = any(module == "ray" or module.startswith("ray.") for module in sys.modules)
 print(json.dumps(out))
@@ -84,7 +87,7 @@ def test_resume_reads_the_shards_not_done_and_carries_the_ema(tars, tmp_path):
     common = [f"data.train={folder}/train-*.tar", f"data.val={folder}/val-*.tar", "data.img_size=16",
               "data.local_shuffle_buffer=0", f"data.shuffle_seed={SEED}", "model.args={depth: 1}",
               "train.num_workers=1", f"train.global_batch_size={BATCH}", "train.steps=24",
-              "train.checkpoint_every_n_steps=1", "train.eval_every_n_steps=12", "train.log_every_n_steps=4",
+              "train.checkpoint_every_n_steps=1", "train.eval_every_n_steps=12", "train.log_every_n_steps=1",
               "optim.warmup_steps=2", "finetune.ema_decay=0.5", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     first = f"{tmp_path}/a/checkpoint_000004"  # step 5
     args = {"config": "jobs/configs/digits_pretrain.yaml", "common": common, "folder": str(tmp_path),
@@ -110,6 +113,10 @@ def test_resume_reads_the_shards_not_done_and_carries_the_ema(tars, tmp_path):
     assert b["orders"][0] == [rest] and b["orders"][1] == [order1]
     assert (b["step"], b["images_seen"]) == (24, 24 * BATCH)
     assert b["report_steps"] == list(range(6, 25))
+    # the schedule goes on where it stopped: each step's lr is the warmup + cosine value of its step
+    expected_lrs = [1e-3 * lr_multiplier(step - 1, warmup_steps=2, total_steps=24, min_lr_ratio=0.01)
+                    for step in range(1, 25)]
+    assert a["lrs"] + b["lrs"] == pytest.approx(expected_lrs, rel=1e-6)
     for step, checkpoint in zip(b["report_steps"], b["checkpoints"], strict=True):
         if step <= 5 + pass_steps:
             expected = done_a + done_after(rest, counts, BATCH * (step - 5))

@@ -33,10 +33,10 @@ def bench_job(*, preset: str, img_size: int, batch_size_per_worker: int, num_wor
 
 def bench_model_args(preset: str, img_size: int, num_classes: int) -> dict:
     """`VisionTransformer(**model_args)` of a preset, as the resolved job holds them (plain lists, no tuples)."""
+    from pipeline.config import plain
     from pipeline.model import preset_kwargs
 
-    model_args = preset_kwargs(preset, img_size=img_size, num_classes=num_classes)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()}
+    return plain(preset_kwargs(preset, img_size=img_size, num_classes=num_classes))
 
 
 def make_batch(batch_size: int, img_size: int, num_classes: int, seed: int, device: str | torch.device = "cpu",

@@ -257,9 +257,6 @@ class JobConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(plain(self.to_dict()), sort_keys=False)
-
 
 class _YamlLoader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-3` as a string; ML configs mean a float."""

@@ -158,8 +158,8 @@ class TrainConfig:
 
     steps: int = 1000  # optimizer steps in the run (the unit of the schedule, eval and checkpoints)
     global_batch_size: int = 64  # images per optimizer step, all workers
-    micro_batch_size: int = 0  # images per worker per forward; 0 means global / workers (no accumulation)
-    num_workers: int = 2  # Ray Train workers (one per GPU on GPU nodes)
+    micro_batch_size: int = 0  # images per worker per forward; 0 means global / workers (the most workers)
+    num_workers: int | tuple[int, int] = 2  # Ray Train workers, one per GPU; [min, max] is elastic
     cpus_per_worker: float = 1.0  # CPUs each Train worker reserves; fractions leave CPUs to Ray Data decode
     device: str = "auto"  # "auto" (cuda when the cluster has GPUs), "cuda" or "cpu"
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1, 2 or 3
@@ -171,27 +171,50 @@ class TrainConfig:
     log_every_n_steps: int = 10
     seed: int = 0
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before the run fails
+    resize_check_s: float = 60.0  # an elastic run checks this often whether more workers fit the cluster
     resume_from: str = ""  # a checkpoint directory to continue from (model, optimizer, schedule, data position)
     stop_after_steps: int = 0  # end this run at this step with a checkpoint (time-limited slots); 0 runs to the end
     storage_path: str = ""  # where Ray Train keeps checkpoints (shared storage on multi-node); "" is ./runs
     run_name: str = ""  # Ray Train run name (same name + storage resumes); "" derives one from the job and time
     verbose: bool = False  # print the libraries' known chatter too (pipeline/console.py); or VIT_PIPELINE_VERBOSE=1
 
-    def grad_accum_steps(self) -> int:
-        return self.global_batch_size // (self.num_workers * self.micro_batch_size_per_worker())
+    @property
+    def world_sizes(self) -> range:
+        """The world sizes the run may train at: `num_workers`, or every size in [min, max]."""
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        return range(low, high + 1)
 
     def micro_batch_size_per_worker(self) -> int:
-        return self.micro_batch_size or self.global_batch_size // self.num_workers
+        """Images per worker per forward, the same at every world size (what fits a GPU does not change)."""
+        return self.micro_batch_size or self.global_batch_size // max(self.world_sizes[-1:] or [1])
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step at `world_size`: micro-batch x accumulation x world size is always
+        `global_batch_size`, so the schedule and the step count do not depend on how many workers there are."""
+        return self.global_batch_size // (world_size * self.micro_batch_size_per_worker())
+
+    def _unsplittable_world_sizes(self) -> list[int]:
+        micro = self.micro_batch_size_per_worker()
+        return [w for w in self.world_sizes if w < 1 or micro < 1 or self.global_batch_size % (w * micro)]
+
+    def _split_error(self) -> str:
+        bad = self._unsplittable_world_sizes()
+        micro = self.micro_batch_size_per_worker()
+        if isinstance(self.num_workers, int):
+            return (f"global_batch_size {self.global_batch_size} is not divisible by num_workers {self.num_workers} "
+                    f"x micro_batch_size {micro}")
+        return (f"global_batch_size {self.global_batch_size} does not split into micro_batch_size {micro} x "
+                f"accumulation x world size at world size {', '.join(map(str, bad))} of num_workers "
+                f"{plain(self.num_workers)}; choose a range whose every size divides "
+                f"{self.global_batch_size // max(micro, 1)} micro-batches, or another micro_batch_size")
 
     def validate(self) -> TrainConfig:
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
-            (self.num_workers >= 1, "num_workers must be >= 1"),
+            (len(self.world_sizes) >= 1 and self.world_sizes[0] >= 1,
+             f"num_workers must be >= 1, or [min, max] with 1 <= min <= max; got {plain(self.num_workers)}"),
             (self.global_batch_size >= 1 and self.micro_batch_size >= 0, "batch sizes must be positive"),
-            (self.global_batch_size % (self.num_workers * self.micro_batch_size_per_worker() or 1) == 0
-             and self.micro_batch_size_per_worker() >= 1,
-             f"global_batch_size {self.global_batch_size} is not divisible by num_workers {self.num_workers} "
-             f"x micro_batch_size {self.micro_batch_size_per_worker()}"),
+            (not self._unsplittable_world_sizes(), self._split_error()),
             (self.cpus_per_worker > 0, "cpus_per_worker must be > 0"),
             (self.device in ("auto", "cuda", "cpu"), "device must be 'auto', 'cuda' or 'cpu'"),
             (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
@@ -201,6 +224,7 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1"),
             (self.max_failures >= 0, "max_failures must be >= 0"),
+            (self.resize_check_s >= 0, "resize_check_s must be >= 0"),
             (0 <= self.stop_after_steps <= self.steps, "stop_after_steps must be in [0, steps]"),
         ]
         _raise_first("train", checks)

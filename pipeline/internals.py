@@ -98,6 +98,24 @@ def skip_forwarded_lines(pattern: str | None) -> bool:
     return True
 
 
+def preemption_notice():
+    """The preemption notice Ray Train's watcher has given this worker (a `ray.train.PreemptionInfo`), or None,
+    without a collective. The public `ray.train.get_preemption_info()` agrees on one value through a barrier
+    of Ray actor calls, milliseconds per call, which every step would pay; the loop agrees with one small gloo
+    all-reduce instead (ray_context.RayTrainContext.preemption_deadline_collective). This reads the same field
+    that the public call broadcasts from rank 0: the worker's private train context."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info
+    except (ImportError, AttributeError) as err:
+        if not getattr(preemption_notice, "warned", False):
+            preemption_notice.warned = True
+            log.warning("Ray Train's preemption notice is not where it was (%s): drains are not checkpointed early",
+                        err)
+        return None
+
+
 MLFLOW_HTTP_BOUNDS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 _http_lock = threading.Lock()
 _http_users = 0

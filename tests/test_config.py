@@ -27,6 +27,10 @@ def test_yaml_then_overrides_with_ml_style_floats(tmp_path):
      "global_batch_size 10 is not divisible by num_workers 3 x micro_batch_size 3"),
     (["train.global_batch_size=64", "train.micro_batch_size=12"],
      "not divisible by num_workers 2 x micro_batch_size 12"),
+    (["train.num_workers=[1, 4]", "train.global_batch_size=64", "train.micro_batch_size=16"],
+     "global_batch_size 64 does not split into micro_batch_size 16 x accumulation x world size at world size 3 of "
+     "num_workers [1, 4]"),
+    (["train.num_workers=[3, 2]"], "train.num_workers must be >= 1, or [min, max] with 1 <= min <= max; got [3, 2]"),
     (["finetune.ema_decay=0.99", "train.zero_stage=3"], "finetune.ema_decay needs train.zero_stage <= 2"),
     (["train.offload_optimizer=true", "train.zero_stage=0"], "offload_optimizer needs zero_stage >= 1"),
     (["train.steps"], "is not of the form section.key=value"),
@@ -49,7 +53,17 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_gradient_accumulation_is_derived():
     job = load_job_config(None, ["train.global_batch_size=64", "train.num_workers=2", "train.micro_batch_size=8"])
-    assert job.train.grad_accum_steps() == 4 and job.train.micro_batch_size_per_worker() == 8
+    assert job.train.grad_accum_steps(2) == 4 and job.train.micro_batch_size_per_worker() == 8
+
+
+def test_an_elastic_range_keeps_the_global_batch_at_every_world_size():
+    job = load_job_config(None, ["train.global_batch_size=24", "train.micro_batch_size=2", "train.num_workers=[1, 4]"])
+    train = job.train
+    assert train.num_workers == (1, 4) and list(train.world_sizes) == [1, 2, 3, 4]
+    assert {w: train.grad_accum_steps(w) for w in train.world_sizes} == {1: 12, 2: 6, 3: 4, 4: 3}
+    # without a micro-batch size it is global / the most workers: no accumulation at full size
+    train = load_job_config(None, ["train.global_batch_size=16", "train.num_workers=[1, 2]"]).train
+    assert (train.micro_batch_size_per_worker(), train.grad_accum_steps(1), train.grad_accum_steps(2)) == (8, 2, 1)
 
 
 def test_model_img_size_sets_the_data_crop():

@@ -7,8 +7,10 @@ synchronous, one per batch of `decode_batch_size` rows (about a millisecond agai
 milliseconds of decoding), so the ledger is exact whenever the consumer has received a batch, and each
 decode call sees the running totals and stops the job itself when the bad fraction crosses the limit: the
 error then reaches whoever consumes the dataset (a Train worker, an eval loop, a benchmark) with the counts
-and up to five examples. Both ledgers have the same three methods: `record` (what a decode call saw; raises
-TooManyBadSamples over the limit), `report` (the totals, which Train workers log as metrics) and `check`.
+and up to five examples. Both ledgers have the same methods: `record` (what a decode call saw; raises
+TooManyBadSamples over the limit), `report` (the totals, which Train workers log as metrics), `check`, and
+for a sample-exact resume (epochs.py) `start_pass` / `snapshot` (the totals with the (shard, index) of each
+bad sample of the pass in progress, which a checkpoint keeps) / `restore` (the totals a checkpoint kept).
 
 Counting in-band (count columns riding along with the good rows) was rejected: a decode batch whose rows
 are all bad has no row to carry its counts, and rows cut by drop_last or the equal split lose theirs.
@@ -16,6 +18,7 @@ are all bad has no row to carry its counts, and rows cut by drop_last or the equ
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 UNDECODABLE = "undecodable"  # the image bytes do not decode
@@ -79,16 +82,51 @@ def check_bad_fraction(report: BadSampleReport, max_bad_fraction: float, min_sam
             f"{max_bad_fraction} (checked after data.min_samples_for_bad_check={min_samples}).")
 
 
-class LocalLedger:
+@dataclass
+class LedgerSnapshot:
+    """A ledger's totals, and what the decode stage saw of the pass in progress: rows, and the bad ones by
+    (shard index in the pass, position in the shard)."""
+
+    totals: BadSampleReport
+    pass_seen: int
+    pass_bad: list[tuple[int, int]]
+
+
+class LedgerState:
+    """What both ledgers keep: the run's totals and the pass in progress."""
+
+    def __init__(self):
+        self.totals = BadSampleReport()
+        self.pass_seen = 0
+        self.pass_bad: list[tuple[int, int]] = []
+
+    def record(self, seen: int, bad: dict[str, int], examples: list[str], bad_ids=()) -> BadSampleReport:
+        add_counts(self.totals, seen, bad, examples)
+        self.pass_seen += seen
+        self.pass_bad.extend(tuple(i) for i in bad_ids)
+        return self.totals
+
+    def start_pass(self) -> None:
+        self.pass_seen, self.pass_bad = 0, []
+
+    def snapshot(self) -> LedgerSnapshot:
+        return LedgerSnapshot(copy.deepcopy(self.totals), self.pass_seen, list(self.pass_bad))
+
+    def restore(self, totals: BadSampleReport) -> None:
+        self.totals = copy.deepcopy(totals)
+        self.start_pass()
+
+
+class LocalLedger(LedgerState):
     """The ledger of a dataset decoded in this process (`LocalContext`): the same counts, no Ray."""
 
     def __init__(self, max_bad_fraction: float, min_samples: int):
+        super().__init__()
         self.max_bad_fraction = max_bad_fraction
         self.min_samples = min_samples
-        self.totals = BadSampleReport()
 
-    def record(self, seen: int, bad: dict[str, int], examples: list[str]) -> BadSampleReport:
-        add_counts(self.totals, seen, bad, examples)
+    def record(self, seen: int, bad: dict[str, int], examples: list[str], bad_ids=()) -> BadSampleReport:
+        super().record(seen, bad, examples, bad_ids)
         self.check()
         return self.totals
 

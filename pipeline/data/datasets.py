@@ -20,6 +20,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
@@ -92,13 +93,16 @@ def decode_batch(batch: dict, **kwargs) -> dict:
 
 
 def build_image_dataset(shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger=None,
-                        shuffle_files: bool | None = None, first_epoch: int = 0) -> ray.data.Dataset:
-    """Columns `image` uint8 (3, S, S), `label` int64 and `shard` int32, the index of the row's shard in
-    `shards.uris`. Train datasets read the shards in a seeded permutation per epoch (seed
-    cfg.shuffle_seed + epoch) and augment; eval datasets read them in the set's order with the deterministic
-    centre crop. `shuffle_files=False` reads a train dataset's shards in the set's order (the trainer plans a
-    resumed epoch's order itself). Bad samples are reported to `ledger` (ledger.RayLedger). The filesystem is
-    resolved here, from the locations, in whichever process builds the dataset."""
+                        shuffle_files: bool | None = None, first_epoch: int = 0,
+                        skip: dict[str, np.ndarray] | None = None) -> ray.data.Dataset:
+    """Columns `image` uint8 (3, S, S), `label` int64, `shard` int32, the index of the row's shard in
+    `shards.uris`, and `index` int32, the row's position in its shard. `skip` (uri -> bitmap by position) names
+    samples a resumed epoch has accounted for already, which are dropped before decoding. Train datasets read
+    the shards in a seeded permutation per epoch (seed cfg.shuffle_seed + epoch) and augment; eval datasets
+    read them in the set's order with the deterministic centre crop. `shuffle_files=False` reads a train
+    dataset's shards in the set's order (the trainer plans a resumed epoch's order itself). Bad samples are
+    reported to `ledger` (ledger.RayLedger). The filesystem is resolved here, from the locations, in whichever
+    process builds the dataset."""
     fs, paths = shards.filesystem()
     shuffle = train if shuffle_files is None else shuffle_files
     # Ray fuses the read and the decode into one task per shard only if the read's blocks are not split
@@ -116,7 +120,9 @@ def build_image_dataset(shards: ShardSet, cfg: DataConfig, *, train: bool, num_c
     return raw.map_batches(
         decode_batch,
         fn_kwargs={"cfg": cfg, "train": train, "num_classes": num_classes, "ledger": ledger,
-                   "shard_ids": {path: i for i, path in enumerate(paths)}},
+                   "shard_ids": {path: i for i, path in enumerate(paths)},
+                   "skip": {path: skip[uri] for uri, path in zip(shards.uris, paths, strict=True) if uri in skip}
+                   if skip else None},
         batch_size=None,
         batch_format="numpy",
         num_cpus=cfg.decode_num_cpus,

@@ -1,17 +1,25 @@
-"""Epochs at shard granularity: the order an epoch reads its shards in, how many steps it gives every rank,
-and which of its shards have been consumed, so that a resumed run continues where it stopped.
+"""Epochs, sample by sample: the order an epoch reads its shards in, how many steps it gives every rank, and
+which of its samples have been accounted for, so that a resumed run trains on each sample of an epoch once.
 
-Epoch e reads the shards in the permutation seeded with `shuffle_seed + e`. A resumed run first finishes the
-interrupted epoch with the shards it had not finished, in the same order; full epochs follow. Every row
-carries the index of its shard in the pass's shard list; a `ShardTally` counts the rows consumed per shard,
-and a shard whose every sample was consumed (all ranks together) is done. A shard with bad samples never
-reaches its manifest count, so it is read again after a resume: a few samples repeat, none is lost.
-timm and OpenCLIP resume at epoch granularity only.
+Epoch e reads the shards in the permutation seeded with `shuffle_seed + e`. Every row carries the index of
+its shard in the pass's shard list and its position in the shard (`index`, in tar order). A `SampleTally`
+marks each consumed row in a bitmap over the pass's samples, and each sample the decode stage found bad (the
+ledger's ids), so that a bad sample is counted once. At a checkpoint the ranks OR their bitmaps together
+(`EpochRecord`): shards whose every sample is accounted for are done; the others that were started keep
+their bitmap. A resumed run, whatever its world size, reads the shards not done in the epoch's order and
+skips the accounted samples (`EpochPlan.skip`); full epochs follow. Rows read ahead but not consumed (decode
+tasks in flight, the local shuffle buffer, the equal split's trim) are not marked, so they are read again:
+nothing is lost and nothing repeats. timm and OpenCLIP resume at epoch granularity; MosaicML Streaming is
+sample-exact only for a fixed node count.
+
+A shard's bitmap has one bit per manifest sample plus one for the marker row of a broken tar (whose position
+is the count of samples before the break), so a truncated shard's read error is also counted once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,43 +42,107 @@ def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
 
 
 @dataclass
+class EpochRecord:
+    """Which samples of the epoch in progress are accounted for (trained on, or known bad), all ranks together:
+    what a checkpoint keeps of the data position. `partial` holds, for each shard started and not done, its
+    bitmap (count + 1 bits, see the module docstring)."""
+
+    epoch: int = 0
+    done: list[str] = field(default_factory=list)
+    partial: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "shards_done": self.done,
+                "samples_done": {uri: base64.b64encode(np.packbits(bits)).decode() + f":{len(bits)}"
+                                 for uri, bits in self.partial.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> EpochRecord:
+        partial = {}
+        for uri, text in data.get("samples_done", {}).items():
+            packed, length = text.rsplit(":", 1)
+            partial[uri] = np.unpackbits(np.frombuffer(base64.b64decode(packed), np.uint8))[:int(length)].astype(bool)
+        return cls(data.get("epoch", 0), list(data.get("shards_done", [])), partial)
+
+    @property
+    def samples_accounted(self) -> int:
+        return sum(int(bits.sum()) for bits in self.partial.values())
+
+
+@dataclass
 class EpochPlan:
     epoch: int
     shards: list[str]  # the shards this pass reads, in order: the epoch's permutation less the ones done
-    samples: list[int]  # manifest sample count of each shard
+    counts: list[int]  # manifest sample count of each shard
+    samples: list[int]  # samples of each shard this pass trains on: the count less those accounted before
     steps: int  # optimizer steps this pass gives every rank
-    shards_done_before: list[str]  # shards of the epoch consumed before this pass (a resume)
+    before: EpochRecord  # what was accounted for before this pass (a resume)
 
     @property
     def num_samples(self) -> int:
         return sum(self.samples)
 
+    @property
+    def skip(self) -> dict[str, np.ndarray]:
+        """uri -> bitmap of the samples to skip, for the shards a resumed pass has partly read before."""
+        return {uri: self.before.partial[uri] for uri in self.shards if uri in self.before.partial}
 
-def plan_epoch(shards: ShardSet, epoch: int, shards_done: list[str], *, seed: int, world_size: int,
+
+def plan_epoch(shards: ShardSet, epoch: int, before: EpochRecord | None, *, seed: int, world_size: int,
                batch_size: int) -> EpochPlan:
-    """The rest of `epoch` after `shards_done`, in the epoch's order; with none done, the whole epoch, listed
-    in the set's order (the whole-epoch dataset indexes its shards by it and orders each execution itself)."""
+    """The rest of `epoch` after what `before` accounts for, in the epoch's order; with nothing accounted, the
+    whole epoch, listed in the set's order (the whole-epoch dataset indexes its shards by it and orders each
+    execution itself)."""
+    before = before if before is not None and before.epoch == epoch else EpochRecord(epoch)
     counts = shards.count_of()
-    done = set(shards_done)
-    order = [uri for uri in shard_order(shards.uris, seed, epoch) if uri not in done] if done else shards.uris
-    samples = [counts[uri] for uri in order]
-    return EpochPlan(epoch, order, samples, steps_per_epoch(sum(samples), world_size, batch_size),
-                     list(shards_done))
+    resumed = bool(before.done or before.partial)
+    done = set(before.done)
+    order = [uri for uri in shard_order(shards.uris, seed, epoch) if uri not in done] if resumed else shards.uris
+    shard_counts = [counts[uri] for uri in order]
+    samples = [count - int(before.partial[uri][:count].sum()) if uri in before.partial else count
+               for uri, count in zip(order, shard_counts, strict=True)]
+    return EpochPlan(epoch, order, shard_counts, samples, steps_per_epoch(sum(samples), world_size, batch_size),
+                     before)
 
 
-class ShardTally:
-    """Rows consumed per shard of one pass, on one rank."""
+class SampleTally:
+    """The samples of one pass accounted for on this rank: one bit per sample and marker row of each shard."""
 
     def __init__(self, plan: EpochPlan):
         self.plan = plan
-        self.consumed = np.zeros(len(plan.shards), dtype=np.int64)
+        sizes = np.asarray(plan.counts, dtype=np.int64) + 1
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.sizes = sizes
+        self.bits = np.zeros(int(sizes.sum()), dtype=bool)
+        for i, uri in enumerate(plan.shards):
+            if uri in plan.before.partial:
+                known = plan.before.partial[uri][:sizes[i]]
+                self.bits[self.starts[i]:self.starts[i] + len(known)] = known
+        self.preset = int(self.bits.sum())  # accounted for before this pass
+        self.accounted = self.preset  # all ranks together, as of the last record
 
-    def add(self, shard_ids: np.ndarray) -> None:
-        """Count one batch's rows by the shard index each row carries."""
-        self.consumed += np.bincount(shard_ids, minlength=len(self.consumed))
+    def add(self, shard_ids: np.ndarray, indices: np.ndarray) -> None:
+        """Mark rows by the shard index and position each carries (a position past the manifest count, from a
+        manifest that undercounts, cannot be recorded: that row is read again after a resume)."""
+        shard_ids = np.asarray(shard_ids, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        fits = indices < self.sizes[shard_ids]
+        self.bits[self.starts[shard_ids[fits]] + indices[fits]] = True
 
-    def shards_done(self, consumed_all_ranks: np.ndarray) -> list[str]:
-        """Shards of the epoch consumed in full, given the counts summed over ranks."""
-        finished = [uri for uri, count, seen in zip(self.plan.shards, self.plan.samples, consumed_all_ranks.tolist(),
-                                                    strict=True) if seen >= count]
-        return self.plan.shards_done_before + finished
+    def packed(self) -> np.ndarray:
+        return np.packbits(self.bits)
+
+    def record(self, packed_all_ranks: np.ndarray) -> EpochRecord:
+        """The epoch's record, given the bitmaps of all ranks OR-ed together (`packed()` of each)."""
+        bits = np.unpackbits(packed_all_ranks)[:len(self.bits)].astype(bool)
+        self.accounted = int(bits.sum())
+        counts = self.sizes - 1
+        markers = bits[self.starts + counts]
+        accounted = np.add.reduceat(bits, self.starts, dtype=np.int64) - markers if len(bits) else np.zeros(0, np.int64)
+        done, partial = list(self.plan.before.done), {}
+        for i, uri in enumerate(self.plan.shards):
+            if accounted[i] >= counts[i]:
+                done.append(uri)
+            elif accounted[i] or markers[i]:
+                partial[uri] = bits[self.starts[i]:self.starts[i] + self.sizes[i]].copy()
+        return EpochRecord(self.plan.epoch, done, partial)

@@ -11,19 +11,12 @@ from dataclasses import dataclass, field
 
 import ray
 
-from pipeline.data.bad_samples import BadSampleReport, add_counts, check_bad_fraction
+from pipeline.data.bad_samples import BadSampleReport, LedgerSnapshot, LedgerState, check_bad_fraction
 
 
 @ray.remote(num_cpus=0)
-class BadSampleLedger:
+class BadSampleLedger(LedgerState):
     """Running totals of one dataset's bad samples, shared by all its decode tasks and readers."""
-
-    def __init__(self):
-        self.totals = BadSampleReport()
-
-    def record(self, seen: int, bad: dict[str, int], examples: list[str]) -> BadSampleReport:
-        add_counts(self.totals, seen, bad, examples)
-        return self.totals
 
     def get(self) -> BadSampleReport:
         return self.totals
@@ -39,11 +32,20 @@ class RayLedger:
     min_samples: int
     handle: ray.actor.ActorHandle = field(repr=False, compare=False)
 
-    def record(self, seen: int, bad: dict[str, int], examples: list[str]) -> BadSampleReport:
+    def record(self, seen: int, bad: dict[str, int], examples: list[str], bad_ids=()) -> BadSampleReport:
         """Add one decode call's counts, then raise TooManyBadSamples if the running totals cross the limit."""
-        totals = ray.get(self.handle.record.remote(seen, bad, examples))
+        totals = ray.get(self.handle.record.remote(seen, bad, examples, list(bad_ids)))
         check_bad_fraction(totals, self.max_bad_fraction, self.min_samples)
         return totals
+
+    def start_pass(self) -> None:
+        ray.get(self.handle.start_pass.remote())
+
+    def snapshot(self) -> LedgerSnapshot:
+        return ray.get(self.handle.snapshot.remote())
+
+    def restore(self, totals: BadSampleReport) -> None:
+        ray.get(self.handle.restore.remote(totals))
 
     def report(self) -> BadSampleReport:
         return ray.get(self.handle.get.remote())

@@ -18,7 +18,7 @@ from pipeline.data.epochs import shard_order
 from pipeline.data.shard_set import ShardSet
 from pipeline.data.tar_reader import iter_tar_samples
 
-COLUMNS = ("image", "label", "shard")
+COLUMNS = ("image", "label", "shard", "index")
 
 
 class LocalImageStream:
@@ -27,7 +27,7 @@ class LocalImageStream:
     does; `orders` records each execution's shard order."""
 
     def __init__(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger=None,
-                 shuffle_files: bool | None = None, first_epoch: int = 0):
+                 shuffle_files: bool | None = None, first_epoch: int = 0, skip: dict[str, np.ndarray] | None = None):
         self.shards = shards
         self.cfg = cfg
         self.train = train
@@ -35,6 +35,7 @@ class LocalImageStream:
         self.ledger = ledger
         self.shuffle = train if shuffle_files is None else shuffle_files
         self.first_epoch = first_epoch
+        self.skip = skip or {}
         self.orders: list[list[str]] = []
 
     def _blocks(self) -> Iterator[dict[str, np.ndarray]]:
@@ -46,18 +47,19 @@ class LocalImageStream:
             order = shard_order(order, self.cfg.shuffle_seed, self.first_epoch + len(self.orders))
         self.orders.append([self.shards.uris[i] for i in order])
         shard_ids = {path: i for i, path in enumerate(paths)}
+        skip = {path: self.skip[uri] for uri, path in zip(self.shards.uris, paths, strict=True) if uri in self.skip}
+        decode = {"cfg": self.cfg, "train": self.train, "num_classes": self.num_classes, "ledger": self.ledger,
+                  "shard_ids": shard_ids, "skip": skip or None}
         for i in order:
             with fs.open_input_stream(paths[i]) as f:
                 rows: list[dict] = []
                 for row in iter_tar_samples(f, paths[i]):
                     rows.append(row)
                     if len(rows) == self.cfg.decode_batch_size:
-                        yield decode_batch(_columns(rows), cfg=self.cfg, train=self.train,
-                                           num_classes=self.num_classes, ledger=self.ledger, shard_ids=shard_ids)
+                        yield decode_batch(_columns(rows), **decode)
                         rows = []
                 if rows:
-                    yield decode_batch(_columns(rows), cfg=self.cfg, train=self.train, num_classes=self.num_classes,
-                                       ledger=self.ledger, shard_ids=shard_ids)
+                    yield decode_batch(_columns(rows), **decode)
 
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False,
                            local_shuffle_buffer_size: int | None = None, prefetch_batches: int = 0,

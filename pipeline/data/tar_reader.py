@@ -25,6 +25,7 @@ ROWS_PER_BLOCK = 64  # default rows per block, which is also rows per decode cal
 ROW_SCHEMA = pa.schema([
     ("__key__", pa.string()),  # sample key: member name up to the first dot of its base name
     ("__url__", pa.string()),  # shard path
+    ("__index__", pa.int32()),  # position in the shard: the count of rows before it (a sample's identity)
     ("image", pa.binary()),  # raw image bytes, null when the key has no image member
     ("image_ext", pa.string()),
     ("cls", pa.binary()),  # raw `.cls` member, null when absent
@@ -176,8 +177,10 @@ def _pax_path(records: bytes) -> str | None:
 
 
 def iter_tar_samples(fileobj, url: str) -> Iterator[dict]:
-    """Rows of ROW_SCHEMA, one per key, in tar order; a final marker row if the tar breaks or is truncated."""
+    """Rows of ROW_SCHEMA, one per key, in tar order; a final marker row if the tar breaks or is truncated.
+    Each row's `__index__` is its position (the marker's is the count of samples before it)."""
     current: dict | None = None
+    index = 0
     try:
         for name, data in iter_tar_members(fileobj):
             key, suffix = split_member_name(name)
@@ -186,14 +189,16 @@ def iter_tar_samples(fileobj, url: str) -> Iterator[dict]:
             if current is None or key != current["__key__"]:
                 if current is not None:
                     yield current
-                current = _empty_row(key, url)
+                    index += 1
+                current = _empty_row(key, url, index)
             _add_member(current, suffix.lower(), data)
     except tarfile.TarError as e:  # data errors; I/O errors propagate to Ray's retries
         # The key being read at the break goes down with the marker row, unless it already has its image and label.
         kept = current is not None and _has_image_and_label(current)
         if kept:
             yield current
-        marker = _empty_row(current["__key__"] if current is not None and not kept else "", url)
+            index += 1
+        marker = _empty_row(current["__key__"] if current is not None and not kept else "", url, index)
         marker["read_error"] = f"{type(e).__name__}: {e}" + (f" after key {current['__key__']}" if kept else "")
         yield marker
         return
@@ -205,9 +210,9 @@ def _has_image_and_label(row: dict) -> bool:
     return row["image"] is not None and (row["cls"] is not None or row["json"] is not None)
 
 
-def _empty_row(key: str, url: str) -> dict:
-    return {"__key__": key, "__url__": url, "image": None, "image_ext": None, "cls": None, "json": None,
-            "read_error": None}
+def _empty_row(key: str, url: str, index: int = 0) -> dict:
+    return {"__key__": key, "__url__": url, "__index__": index, "image": None, "image_ext": None, "cls": None,
+            "json": None, "read_error": None}
 
 
 def _add_member(row: dict, suffix: str, data: bytes) -> None:

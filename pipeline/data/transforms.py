@@ -63,24 +63,32 @@ def center_box(width: int, height: int, crop_pct: float) -> Box:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int, ledger=None,
-                 seed: int | None = None, shard_ids: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+                 seed: int | None = None, shard_ids: dict[str, int] | None = None,
+                 skip: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Raw rows (tar_reader.ROW_SCHEMA) -> {"image": uint8 (N, 3, S, S), "label": int64 (N,)} of the good rows,
-    plus "shard" int32 (N,), the index of each row's shard in `shard_ids`, when that is given.
+    plus "shard" int32 (N,), the index of each row's shard in `shard_ids`, and "index" int32 (N,), its position
+    in the shard, when `shard_ids` is given.
 
-    Bad rows are dropped and reported to `ledger` (bad_samples.py; it raises once too many are bad). `seed` fixes
-    the augmentation draws of this batch; without it each call draws fresh entropy.
+    Bad rows are dropped and reported to `ledger` (bad_samples.py; it raises once too many are bad), with their
+    (shard, index) when `shard_ids` is given. Rows that `skip` marks (shard path -> bitmap by position: samples a
+    resumed epoch has accounted for already) are dropped unseen. `seed` fixes the augmentation draws of this
+    batch; without it each call draws fresh entropy.
     """
     transform = ImageTransform(cfg, train)
-    keys, urls = batch["__key__"], batch["__url__"]
+    keys, urls, positions = batch["__key__"], batch["__url__"], batch["__index__"]
+    rows = range(len(keys))
+    if skip:
+        rows = [i for i in rows if not _skipped(skip.get(urls[i]), int(positions[i]))]
     # each crop is copied once, straight into its row: no per-image contiguous copy, no stack
-    images = torch.empty((len(keys), 3, cfg.img_size, cfg.img_size), dtype=torch.uint8)
+    images = torch.empty((len(rows), 3, cfg.img_size, cfg.img_size), dtype=torch.uint8)
     labels: list[int] = []
     good_rows: list[int] = []  # batch row of each good sample, to look up its shard
     bad: Counter[str] = Counter()
+    bad_ids: list[tuple[int, int]] = []
     examples: list[str] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        for i in range(len(keys)):
+        for i in rows:
             try:
                 if batch["read_error"][i] is not None:
                     raise BadSample(TRUNCATED_TAR, batch["read_error"][i])
@@ -92,11 +100,18 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, 
                 good_rows.append(i)
             except BadSample as e:
                 bad[e.reason] += 1
+                if shard_ids is not None:
+                    bad_ids.append((shard_ids[urls[i]], int(positions[i])))
                 if len(examples) < MAX_EXAMPLES:
                     examples.append(f"{posixpath.basename(urls[i])}/{keys[i]} ({e})")
     if ledger is not None:
-        ledger.record(len(keys), dict(bad), examples)
+        ledger.record(len(rows), dict(bad), examples, bad_ids)
     out = {"image": images[:len(labels)].numpy(), "label": np.asarray(labels, dtype=np.int64)}
     if shard_ids is not None:
         out["shard"] = np.asarray([shard_ids[urls[i]] for i in good_rows], dtype=np.int32)
+        out["index"] = np.asarray([positions[i] for i in good_rows], dtype=np.int32)
     return out
+
+
+def _skipped(bits: np.ndarray | None, position: int) -> bool:
+    return bits is not None and position < len(bits) and bool(bits[position])

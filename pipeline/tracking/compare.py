@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 
 from pipeline.tracking.plots import metric_histories, plot_curves
+from pipeline.tracking.runs import JOB_RUNS
 
 COMPARE_METRICS = ("val/top1", "train/loss")
 
@@ -50,8 +51,8 @@ def compare_runs(uri: str, *, experiment: str | None = None, run_ids: list[str] 
         found = client.get_experiment_by_name(experiment or "")
         if found is None:
             raise CompareError(f"no experiment {experiment!r} in {uri}")
-        runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
-                                  max_results=last or 5000)[::-1]
+        runs = client.search_runs([found.experiment_id], filter_string=JOB_RUNS,
+                                  order_by=["attributes.start_time DESC"], max_results=last or 5000)[::-1]
         if not runs:
             raise CompareError(f"experiment {experiment!r} in {uri} has no runs")
     return [_row(client, run) for run in runs]

@@ -101,10 +101,10 @@ class MetricLogger:
 
     # ---- the caller's side: cheap, never raises ------------------------------------------------------
 
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Queue `metrics` at `step`, stamped now. Returns at once; never raises."""
+    def log(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> None:
+        """Queue `metrics` at `step`, stamped now (or at `timestamp_ms`). Returns at once; never raises."""
         try:
-            timestamp_ms = time.time_ns() // 1_000_000
+            timestamp_ms = time.time_ns() // 1_000_000 if timestamp_ms is None else int(timestamp_ms)
             step = int(step)
             records = []
             for key, value in metrics.items():

@@ -26,6 +26,8 @@ from pipeline.tracking.store import TrackingUnavailable, artifact_root_for
 log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# the runs of jobs, not the runs of their attempts (attempts.py), which carry no pipeline.job tag
+JOB_RUNS = "tags.`pipeline.job` LIKE '%'"
 
 
 def _client(uri: str):

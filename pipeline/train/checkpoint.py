@@ -6,7 +6,7 @@ A checkpoint directory holds:
     model.safetensors     the full fp32 weights with timm key names, gathered from the ZeRO partitions
     model_ema.safetensors the exponential moving average of the weights, when the run keeps one
     config.json           the resolved job: model arguments (`VisionTransformer(**model_args)`), classes, the job
-    train_state.json      the loop and data position: step, epoch, shards of the epoch already consumed
+    train_state.json      the loop and data position: step, epoch, the samples of the epoch accounted for
 
 Every rank writes into its own local directory and reports it; Ray Train merges the ranks' files into one
 checkpoint in storage. Nothing is unpickled without `weights_only=True`, DeepSpeed's own files included.
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import storage
+from pipeline.data.epochs import EpochRecord
 
 DEEPSPEED_TAG = "deepspeed"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,8 +37,18 @@ STATE_FILE = "train_state.json"
 class LoopState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch in progress
-    shards_done: list[str] = field(default_factory=list)  # shards of `epoch` whose every sample was consumed
+    shards_done: list[str] = field(default_factory=list)  # shards of `epoch` whose every sample is accounted for
+    samples_done: dict[str, str] = field(default_factory=dict)  # the other started shards: bitmaps (epochs.py)
     images_seen: int = 0  # training images consumed, all ranks
+    world_size: int = 0  # of the attempt that saved it
+    bad_samples: dict = field(default_factory=dict)  # the train ledger's totals (BadSampleReport) at the record
+
+    def epoch_record(self) -> EpochRecord:
+        return EpochRecord.from_json(asdict(self))
+
+    def set_epoch_record(self, record: EpochRecord) -> None:
+        data = record.to_json()
+        self.epoch, self.shards_done, self.samples_done = data["epoch"], data["shards_done"], data["samples_done"]
 
 
 class CheckpointMismatch(ValueError):

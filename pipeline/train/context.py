@@ -7,6 +7,8 @@ The loop (loop.py) talks to a `TrainContext` and to nothing of Ray:
     latest_checkpoint()                   the checkpoint to restart from (a context manager), or None
     start_ledgers(count, ...)             bad-sample ledgers, one per dataset (a collective)
     image_stream(shards, cfg, ...)        this rank's stream of decoded rows of a ShardSet (a collective)
+    preemption_deadline_collective()      None, or the deadline of a drain of one of the group's nodes
+    wait_for_restart(deadline_ms)         after the checkpoint a drain asked for: until the group is restarted
 
 `RayTrainContext` (ray_context.py) does it on Ray Train and Ray Data: rank 0 builds the dataset and
 `streaming_split`s it, and the ledgers are actors. `LocalContext` runs the same `run_training` in one
@@ -43,10 +45,15 @@ class TrainContext(Protocol):
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
 
+    def preemption_deadline_collective(self) -> int | None: ...
+
+    def wait_for_restart(self, deadline_ms: int) -> None: ...
+
     def start_ledgers(self, count: int, max_bad_fraction: float, min_samples: int) -> list: ...
 
     def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
-                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0): ...
+                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0,
+                     skip: dict | None = None): ...
 
 
 class LocalContext:
@@ -97,16 +104,23 @@ class LocalContext:
         latest = self.checkpoints[-1] if self.checkpoints else self.resume_from
         yield str(latest) if latest else None
 
+    def preemption_deadline_collective(self) -> int | None:
+        return None  # one process on this machine: nothing drains it
+
+    def wait_for_restart(self, deadline_ms: int) -> None:
+        raise RuntimeError("LocalContext is never drained")
+
     def start_ledgers(self, count: int, max_bad_fraction: float, min_samples: int) -> list:
         from pipeline.data.bad_samples import LocalLedger
 
         return [LocalLedger(max_bad_fraction, min_samples) for _ in range(count)]
 
     def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
-                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0):
+                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0,
+                     skip: dict | None = None):
         from pipeline.data.local_stream import LocalImageStream
 
         stream = LocalImageStream(shards, cfg, train=train, num_classes=num_classes, ledger=ledger,
-                                  shuffle_files=shuffle_files, first_epoch=first_epoch)
+                                  shuffle_files=shuffle_files, first_epoch=first_epoch, skip=skip)
         self.streams.append(stream)
         return stream

@@ -116,8 +116,11 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": run, "init_state": ray.put(init_state) if init_state is not None else None},
+        # a [min, max] range is elastic: Ray Train starts as many workers as the cluster holds, and restarts the
+        # group from the latest checkpoint when a node is lost or more workers fit (every resize_check_s)
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=train_cfg.resize_check_s),
         run_config=RunConfig(name=run.run_name, storage_path=run.storage_path, callbacks=[EndOnJobFailed()],
                              worker_runtime_env=console.worker_runtime_env(verbose),
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures),

@@ -11,14 +11,16 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import storage
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, JobConfig, plain
 from pipeline.console import is_verbose, worker_console
+from pipeline.data.bad_samples import BadSampleReport
 from pipeline.internals import use_weights_only_loading
 from pipeline.train.checkpoint import (
     EMA_WEIGHTS_FILE,
@@ -92,8 +94,9 @@ def build_engine(job: JobConfig, model_args: dict, world_size: int, device: torc
                                 min_lr_ratio=optim.min_lr_ratio)
     bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and device.type == "cuda")
     ds_config = build_deepspeed_config(
-        micro_batch_size=job.train.micro_batch_size_per_worker(), grad_accum_steps=job.train.grad_accum_steps(),
-        world_size=world_size, zero_stage=job.train.zero_stage, bf16=bf16, grad_clip=optim.grad_clip,
+        micro_batch_size=job.train.micro_batch_size_per_worker(),
+        grad_accum_steps=job.train.grad_accum_steps(world_size), world_size=world_size,
+        zero_stage=job.train.zero_stage, bf16=bf16, grad_clip=optim.grad_clip,
         offload_optimizer=job.train.offload_optimizer, num_params=sum(p.numel() for p in model.parameters()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
@@ -170,30 +173,39 @@ def due(step: int, every: int, last: int) -> bool:
 def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, torch.Tensor] | None = None
                  ) -> LoopState:
     """Train to `train.steps` (or `stop_after_steps`), resuming from the context's latest checkpoint or
-    `train.resume_from`. `init_state`: a fine-tune's starting weights (run.init says whether the head is new)."""
+    `train.resume_from`, at whatever world size the context has (within `train.num_workers`). `init_state`: a
+    fine-tune's starting weights (run.init says whether the head is new)."""
     job = run.job
     worker_console(is_verbose(job.train.verbose))  # our lines; the libraries' known ones quiet (pipeline/console.py)
     train_cfg, data_cfg, rank, world_size = job.train, job.data, ctx.rank, ctx.world_size
-    if train_cfg.num_workers != world_size:
-        raise ConfigError(f"train.num_workers is {train_cfg.num_workers} but the context has {world_size} ranks")
+    if world_size not in train_cfg.world_sizes:
+        raise ConfigError(f"train.num_workers is {plain(train_cfg.num_workers)} but the context has {world_size} ranks")
     device = resolve_device(job, ctx.local_rank)
     engine, dtype = build_engine(job, run.model_args, world_size, device, init_state=init_state,
                                  reset_head=run.init.reset_head if run.init else False)
+    micro_batch, accum = train_cfg.micro_batch_size_per_worker(), train_cfg.grad_accum_steps(world_size)
     state, ema = LoopState(), None
     with ctx.latest_checkpoint() as checkpoint_dir, local_checkpoint(checkpoint_dir or train_cfg.resume_from) as source:
         if source:
             state = load_checkpoint(engine, source)
             if rank == 0:
-                log.info("resumed from %s at step %d (epoch %d, %d shards of it done)",
-                         checkpoint_dir or train_cfg.resume_from, state.step, state.epoch, len(state.shards_done))
+                record = state.epoch_record()
+                log.info("resumed from %s at step %d (epoch %d: %d shards done, %d partly) at world size %d%s: "
+                         "micro-batch %d x accumulation %d x %d workers = %d", checkpoint_dir or train_cfg.resume_from,
+                         state.step, state.epoch, len(record.done), len(record.partial), world_size,
+                         f" (was {state.world_size})" if state.world_size not in (0, world_size) else "",
+                         micro_batch, accum, world_size, train_cfg.global_batch_size)
         if job.finetune.ema_decay:
             ema = WeightEMA(engine.module, job.finetune.ema_decay)
             if source and os.path.exists(os.path.join(source, EMA_WEIGHTS_FILE)):
                 ema.load_state_dict(read_weights(os.path.join(source, EMA_WEIGHTS_FILE)))
+    resumed_from, state.world_size = state.step, world_size
     torch.manual_seed(train_cfg.seed * 10_000 + rank * 1_000 + state.step)  # augmentation draws differ per rank
 
     num_classes = len(run.classes)
     train_ledger, val_ledger = ctx.start_ledgers(2, data_cfg.max_bad_fraction, data_cfg.min_samples_for_bad_check)
+    if rank == 0 and state.bad_samples:
+        train_ledger.restore(BadSampleReport(**state.bad_samples))
     feed = TrainFeed(ctx, run.train_shards, data_cfg, batch_size=train_cfg.global_batch_size // world_size,
                      num_classes=num_classes, ledger=train_ledger, device=device)
     # the val split is not trimmed to equal streams, so every image counts; it is iterated once per evaluation
@@ -201,18 +213,17 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                                   equal=False) if run.val_shards else None
     inputs = InputPipeline(job.model.input_mean, job.model.input_std, device, dtype, num_classes=num_classes,
                            mixup_alpha=job.optim.mixup_alpha, cutmix_alpha=job.optim.cutmix_alpha)
-    metric_logger = None
+    tracked = None
     if rank == 0 and run.mlflow_run_id:
-        from pipeline.tracking.metrics import MetricLogger
+        from pipeline.tracking.attempts import AttemptMetrics
 
-        metric_logger = MetricLogger(run.tracking_uri, run.mlflow_run_id)
-        if state.step > 0:  # marks in MLflow where a restarted or resumed run picked up
-            metric_logger.log({"train/resumed_at_step": state.step}, step=state.step)
-    micro_batch, accum = train_cfg.micro_batch_size_per_worker(), train_cfg.grad_accum_steps()
+        tracked = AttemptMetrics(run.tracking_uri, run.mlflow_run_id, run_name=run.run_name, world_size=world_size,
+                                 start_step=state.step)
     progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size)
-    batches = feed.epochs(state.epoch, state.shards_done)
+    batches = feed.epochs(state.epoch_record())
     last_val: dict[str, float] = {}
     stop_step = train_cfg.stop_after_steps or train_cfg.steps
+    outcome = "FAILED"
     try:
         while state.step < stop_step:
             wait_start = time.perf_counter()
@@ -228,14 +239,17 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
             state.epoch = epoch
             state.images_seen += train_cfg.global_batch_size
             progress.add(loss, data_wait_s)
+            drain_deadline = ctx.preemption_deadline_collective()
 
             metrics: dict[str, float] = {}
             line = ""
-            if due(state.step, train_cfg.log_every_n_steps, stop_step):
+            if due(state.step, train_cfg.log_every_n_steps, stop_step) or state.step == resumed_from + 1:
                 window, line = progress.flush_collective(state.step, lr, world_size)
                 metrics.update(window)
                 metrics.update(feed.metrics())
-                metrics["train/epoch"] = epoch
+                metrics.update({"train/epoch": epoch, "train/world_size": world_size})
+                if state.step == resumed_from + 1 and resumed_from:  # where a restarted or resumed attempt picked up
+                    metrics["train/resumed_at_step"] = resumed_from
             if val_stream is not None and due(state.step, train_cfg.eval_every_n_steps, stop_step):
                 last_val = validate_collective(engine, ema, val_stream, inputs, batch_size=micro_batch,
                                                world_size=world_size, img_size=data_cfg.img_size)
@@ -245,18 +259,32 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                     f" | ema top-1 {last_val['val_ema/top1']:.3f}" if ema is not None else "")
             if rank == 0 and line:
                 log.info(line)
-            if metric_logger is not None and metrics:
-                metric_logger.log(metrics, step=state.step)
-            if due(state.step, train_cfg.checkpoint_every_n_steps, stop_step):
-                state.shards_done = feed.shards_done_collective()
+            if tracked is not None and metrics:
+                tracked.log(metrics, step=state.step)
+            if drain_deadline is not None and rank == 0:
+                log.info("a node of the worker group is being drained (%s): checkpoint at step %d now",
+                         f"deadline in {drain_deadline / 1000 - time.time():.0f} s" if drain_deadline else
+                         "no deadline given", state.step)
+            if due(state.step, train_cfg.checkpoint_every_n_steps, stop_step) or drain_deadline is not None:
+                record, bad_samples = feed.record_collective()
+                state.set_epoch_record(record)
+                state.bad_samples = asdict(bad_samples)
                 with tempfile.TemporaryDirectory(prefix="vit-checkpoint-") as directory:
                     save_checkpoint_collective(engine, directory, rank=rank, state=state, model_config=run.record(),
                                                ema_weights=ema.state_dict() if ema is not None else None)
                     location = ctx.report({"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
                                            **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
                                            **{f"last_{k}": v for k, v in last_val.items()}}, directory)
+                if location and tracked is not None:
+                    tracked.commit(state.step)
                 if rank == 0 and location:
                     log.info("checkpoint step %d: %s", state.step, storage.to_uri(run.storage_path, location))
+                if drain_deadline is not None and state.step < stop_step:
+                    if rank == 0:
+                        log.info("checkpoint for the drain saved; training resumes from it once Ray Train restarts "
+                                 "the worker group without the drained node")
+                    ctx.wait_for_restart(drain_deadline)
+        outcome = "FINISHED"
     except Exception:
         # Ray Data hands the trainer a wrapper of a decode task's error without its cause; the ledgers say
         # whether it was the bad-sample limit
@@ -264,8 +292,8 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
         val_ledger.check()
         raise
     finally:
-        if metric_logger is not None:
-            metric_logger.close()
+        if tracked is not None:
+            tracked.close(outcome)
     return state
 
 

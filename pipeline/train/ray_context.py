@@ -8,9 +8,11 @@ name. An error that no restart can cure ends the job as `JobFailed` (see launch.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import ray.train
+import torch
 import torch.distributed as dist
 
 from pipeline.config import DataConfig
@@ -67,6 +69,34 @@ class RayTrainContext:
         self.rank = context.get_world_rank()
         self.local_rank = context.get_local_rank()
         self.world_size = context.get_world_size()
+        # the per-step preemption check agrees through gloo on CPU tensors, so that it never syncs a GPU stream
+        self._control = None
+        if self.world_size > 1:
+            self._control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def preemption_deadline_collective(self) -> int | None:
+        """None, or the reclaim deadline (UNIX ms; 0 when Ray was given none) of a node of this worker group that
+        Ray is draining, once any rank has heard of it. A collective on every rank at every step (one gloo
+        all-reduce of one number), so that all ranks checkpoint at the same step boundary."""
+        from pipeline.internals import preemption_notice
+
+        notice = preemption_notice()
+        deadline = torch.tensor([-1 if notice is None else (notice.deadline_ms or 0)], dtype=torch.int64)
+        if self.world_size > 1:
+            dist.all_reduce(deadline, op=dist.ReduceOp.MAX, group=self._control)
+        return None if deadline.item() < 0 else int(deadline.item())
+
+    def wait_for_restart(self, deadline_ms: int) -> None:
+        """After the checkpoint a drain notice asked for: train no further step, which would only be redone, and
+        wait for Ray Train to end this worker group at the deadline and restart it, from that checkpoint, on
+        the nodes that stay (elastic) or on new ones. Ray charges that restart to
+        FailureConfig.max_preemption_failures, not to train.max_failures."""
+        # without a deadline, Ray Train waits 120 s after the notice
+        limit_s = (deadline_ms / 1000 if deadline_ms else time.time() + 120) + 120
+        while time.time() < limit_s:
+            time.sleep(1)
+        raise RuntimeError("a node of the worker group was drained, and the worker group was not restarted within "
+                           "120 s of the drain's deadline")
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> str | None:
         """A barrier: every rank calls it equally often, each with its own checkpoint files (ZeRO shards).
@@ -98,7 +128,8 @@ class RayTrainContext:
         return ledgers or [attach_ledger(name, max_bad_fraction, min_samples) for name in names]
 
     def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
-                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0):
+                     equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0,
+                     skip: dict | None = None):
         """Rank 0 builds the dataset and splits it into `world_size` streams (`equal`: trimmed to the same
         row count); every rank gets its own. A collective."""
         splits = None
@@ -106,7 +137,7 @@ class RayTrainContext:
             from pipeline.data.datasets import build_image_dataset
 
             dataset = build_image_dataset(shards, cfg, train=train, num_classes=num_classes, ledger=ledger,
-                                          shuffle_files=shuffle_files, first_epoch=first_epoch)
+                                          shuffle_files=shuffle_files, first_epoch=first_epoch, skip=skip)
             splits = dataset.streaming_split(self.world_size, equal=equal)
         return self._broadcast(splits)[self.rank]
 

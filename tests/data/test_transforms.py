@@ -14,9 +14,9 @@ from pipeline.data.transforms import ImageTransform, center_box, decode_batch
 
 def batch_of(records: list[dict]) -> dict[str, np.ndarray]:
     """Raw rows as the tar reader hands them to map_batches (numpy batch format)."""
-    columns = ("__key__", "__url__", "image", "image_ext", "cls", "json", "read_error")
-    rows = [{"__key__": r["__key__"], "__url__": "/shards/train-000000.tar", "image": r.get("jpg"),
-             "image_ext": "jpg", "cls": r.get("cls"), "json": None, "read_error": None} for r in records]
+    columns = ("__key__", "__url__", "__index__", "image", "image_ext", "cls", "json", "read_error")
+    rows = [{"__key__": r["__key__"], "__url__": "/shards/train-000000.tar", "__index__": i, "image": r.get("jpg"),
+             "image_ext": "jpg", "cls": r.get("cls"), "json": None, "read_error": None} for i, r in enumerate(records)]
     return {c: np.array([row[c] for row in rows], dtype=object) for c in columns}
 
 
@@ -81,3 +81,18 @@ def test_crop_box_respects_rrc_scale(tars):
     top, left, height, width = transform.box(image)
     assert (height, width) == (71, 71)  # sqrt(0.25 * 200 * 100) rounded
     assert 0 <= top <= 100 - 71 and 0 <= left <= 200 - 71
+
+
+def test_rows_carry_their_shard_and_position_and_a_resume_skips_what_was_accounted_for(batch):
+    from pipeline.data.bad_samples import LocalLedger
+
+    batch["image"][4] = b"not a jpeg"
+    ledger = LocalLedger(1.0, 1)
+    url = batch["__url__"][0]
+    out = decode_batch(batch, cfg=DataConfig(img_size=16), train=True, num_classes=3, ledger=ledger,
+                       shard_ids={url: 7}, skip={url: np.array([True, False, True, False, False])})
+    # rows 0 and 2 skipped unseen; row 4 bad, known by its shard and position; row 5 is past the bitmap
+    assert out["index"].tolist() == [1, 3, 5] and out["shard"].tolist() == [7, 7, 7]
+    assert out["label"].tolist() == [1, 0, 2]
+    snapshot = ledger.snapshot()
+    assert (snapshot.totals.seen, snapshot.totals.num_bad, snapshot.pass_bad) == (4, 1, [(7, 4)])

@@ -5,11 +5,12 @@ in one process (the local stream) and on two Ray Train workers through the train
 import json
 import os
 
+import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data.bad_samples import LocalLedger
-from pipeline.data.epochs import ShardTally, plan_epoch, shard_order
+from pipeline.data.epochs import EpochRecord, SampleTally, plan_epoch, shard_order
 from pipeline.data.local_stream import LocalImageStream
 from pipeline.data.shard_set import read_shard_set
 from pipeline.data.shard_writer import index_shards
@@ -36,23 +37,26 @@ CFG = DataConfig(img_size=16, max_bad_fraction=0.3, min_samples_for_bad_check=1,
 
 def test_short_epochs_are_topped_up_and_long_ones_drained(tars):
     shards = read_shard_set(uneven_shards(tars, [20, 5], bad_in_largest=5))  # 25 keys in the manifest, 20 good
-    plan = plan_epoch(shards, 0, [], seed=CFG.shuffle_seed, world_size=1, batch_size=4)
+    plan = plan_epoch(shards, 0, None, seed=CFG.shuffle_seed, world_size=1, batch_size=4)
     assert (plan.num_samples, plan.steps) == (25, 6)
     ledger = LocalLedger(CFG.max_bad_fraction, CFG.min_samples_for_bad_check)
     stream = LocalImageStream(shards, CFG, train=True, num_classes=3, ledger=ledger)
     batches = WorkerBatches(stream, batch_size=4, cfg=CFG, ledger=ledger, device="cpu")
-    tally = ShardTally(plan)
+    tally = SampleTally(plan)
     epoch = []
     for batch, fresh in batches.epoch(plan.steps):  # 20 good rows make 5 batches; the 6th replays one
         epoch.append(batch)
         if fresh:
-            tally.add(batch["shard"].numpy())
+            tally.add(batch["shard"].numpy(), batch["index"].numpy())
     assert len(epoch) == 6 and batches.padded_steps == 1
     assert all(b["image"].shape == (4, 3, 16, 16) and str(b["image"].dtype) == "torch.uint8" for b in epoch)
     assert all(str(b["label"].dtype) == "torch.int64" and set(b["label"].tolist()) <= {0, 1, 2} for b in epoch)
-    # the short shard was read whole; the one with bad samples never reaches its count, so it is read again
-    # after a resume
-    assert tally.consumed.tolist() == [15, 5] and tally.shards_done(tally.consumed) == [shards.uris[1]]
+    # the short shard was read whole; the other is done once the ledger's bad samples are marked too
+    assert tally.record(tally.packed()).partial.keys() == {shards.uris[0]}
+    bad = np.asarray(ledger.snapshot().pass_bad).T
+    assert sorted(bad[1].tolist()) == [0, 1, 2, 3, 4] and set(bad[0].tolist()) == {0}  # by shard and position
+    tally.add(*bad)
+    assert tally.record(tally.packed()).done == shards.uris
     metrics = batches.metrics()
     assert metrics["data/bad_undecodable"] == 5 and metrics["data/samples_seen"] == 25
     assert len(list(batches.epoch(2))) == 2 and batches.discarded_batches == 3
@@ -70,8 +74,8 @@ def feed_per_worker(config: dict) -> None:
     [ledger] = ctx.start_ledgers(1, CFG.max_bad_fraction, CFG.min_samples_for_bad_check)
     feed = TrainFeed(ctx, config["shards"], CFG, batch_size=config["batch_size"], num_classes=3, ledger=ledger,
                      device=torch.device("cpu"))
-    batches = feed.epochs(0, [])
-    epochs, labels, metrics, done = [], [], [], []
+    batches = feed.epochs(EpochRecord())
+    epochs, labels, metrics, records = [], [], [], []
     for _ in range(2):
         for _ in range(config["steps"]):
             epoch, batch = next(batches)
@@ -79,10 +83,12 @@ def feed_per_worker(config: dict) -> None:
             epochs.append(epoch)
             labels.extend(batch["label"].tolist())
         metrics.append(feed.metrics())
-        done.append(feed.shards_done_collective())
+        record, totals = feed.record_collective()
+        records.append({"done": record.done, "accounted": feed.tally.accounted, "bad": totals.num_bad,
+                        "seen": totals.seen})
     with open(os.path.join(config["out"], f"rank{ctx.rank}.json"), "w") as f:
         json.dump({"epochs": epochs, "padded": feed.worker_batches.padded_steps, "labels": labels,
-                   "metrics": metrics, "done": done}, f)
+                   "metrics": metrics, "records": records}, f)
 
 
 @pytest.mark.e2e
@@ -92,7 +98,7 @@ def test_two_train_workers_get_equal_batches_from_uneven_shards(ray_local, tars,
 
     shards = read_shard_set(uneven_shards(tars, [7, 50, 13], bad_in_largest=6))  # 70 keys, 64 good
     batch_size = 5
-    steps = plan_epoch(shards, 0, [], seed=CFG.shuffle_seed, world_size=2, batch_size=batch_size).steps
+    steps = plan_epoch(shards, 0, None, seed=CFG.shuffle_seed, world_size=2, batch_size=batch_size).steps
     assert steps == 7  # 70 // (2 * 5); 64 good rows give each worker 32 rows = 6 batches + 1 replayed
     out = tmp_path / "ranks"
     out.mkdir()
@@ -111,5 +117,9 @@ def test_two_train_workers_get_equal_batches_from_uneven_shards(ray_local, tars,
     for r in ranks:  # the ledger is shared: both workers report the same dataset-wide counts
         assert [m["data/bad_undecodable"] for m in r["metrics"]] == [6, 12]
         assert [m["data/samples_seen"] for m in r["metrics"]] == [70, 140]
-        # summed over ranks (the same answer on both): the shard with bad samples never counts as done
-        assert r["done"] == ranks[0]["done"] and all(shards.uris[1] not in done for done in r["done"])
+        # OR-ed over ranks (the same answer on both): 2 x 6 x 5 rows trained and 6 bad of each epoch are
+        # accounted for; 4 good rows, trimmed by drop_last, are not
+        assert r["records"] == ranks[0]["records"]
+        assert [(e["accounted"], e["bad"]) for e in r["records"]] == [(66, 6), (66, 12)]
+        # the ledger's totals as of a record count as seen what is accounted for, not what was read ahead
+        assert [e["seen"] for e in r["records"]] == [66, 136]

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 from pipeline.config import ConfigError
 from pipeline.data.datasets import build_image_dataset
 from pipeline.model import VisionTransformer
+from pipeline.tracking.runs import JOB_RUNS
 from pipeline.train.checkpoint import STATE_FILE, read_weights
 from pipeline.train.inputs import InputPipeline
 from pipeline.train.launch import run_job
@@ -78,15 +79,18 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     states = [json.loads(p.read_text()) for p in runs.glob(f"*/checkpoint_*/{STATE_FILE}")]
     assert states, "no checkpoint within 5 minutes"
     checkpointed_step = max(s["step"] for s in states)
-    # Ray registers a checkpoint once every rank has reported it: wait until both ranks are past it
+    # Ray registers a checkpoint once every rank has reported it: wait until both ranks are past it, as the
+    # attempt's live metrics show
     from mlflow import MlflowClient
+
+    from pipeline.tracking.attempts import ATTEMPT_OF_TAG
 
     client = MlflowClient(job.tracking.uri)
     experiment = client.get_experiment_by_name(job.tracking.experiment)
     while time.time() < deadline:
-        run = client.search_runs([experiment.experiment_id])[0]
-        if max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")), default=0) \
-                >= checkpointed_step + 3:
+        live = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ATTEMPT_OF_TAG}` LIKE '%'")
+        if live and max((m.step for m in client.get_metric_history(live[0].info.run_id, "train/loss")),
+                        default=0) >= checkpointed_step + 3:
             break
         time.sleep(0.5)
     address = ray_local.get_runtime_context().gcs_address  # this session's Ray, not another on the host
@@ -105,11 +109,19 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     values: dict[int, set[float]] = {}
     for step, value in history:
         values.setdefault(step, set()).add(value)
-    assert set(values) == set(range(1, 41))
-    resumed_at = [int(v) for _, v in metric_history(result.tracking_uri, result.run_id, "train/resumed_at_step")]
-    assert len(resumed_at) == 1 and resumed_at[0] % 10 == 0 and resumed_at[0] >= max(10, checkpointed_step - 10)
-    # steps up to the checkpoint it restarted from were not redone; only the ones after it may hold two values
-    assert all(len(values[step]) == 1 for step in range(1, resumed_at[0] + 1))
+    # one value per step in the job's run, though the steps after the checkpoint were trained twice
+    assert set(values) == set(range(1, 41)) and all(len(v) == 1 for v in values.values())
+    resumed_at = metric_history(result.tracking_uri, result.run_id, "train/resumed_at_step")
+    assert len(resumed_at) == 1 and resumed_at[0][0] == resumed_at[0][1] + 1  # logged at the attempt's first step
+    assert resumed_at[0][1] % 10 == 0 and resumed_at[0][1] >= max(10, checkpointed_step - 10)
+    # each attempt has its own run under the job's run, with its live metrics: the lost one ended KILLED
+    attempts = sorted(client.search_runs([experiment.experiment_id],
+                                         filter_string=f"tags.`mlflow.parentRunId` = '{result.run_id}'"),
+                      key=lambda r: int(r.data.tags["pipeline.attempt"]))
+    assert [(r.info.status, r.data.tags["pipeline.start_step"], r.data.tags["pipeline.world_size"]) for r in attempts] \
+        == [("KILLED", "0", "2"), ("FINISHED", str(int(resumed_at[0][1])), "2")]
+    lost = {m.step for m in client.get_metric_history(attempts[0].info.run_id, "train/loss")}
+    assert max(lost) > resumed_at[0][1]  # the lost attempt's own run kept the steps it trained past the checkpoint
 
     # it trained: 40 steps at 2e-3 drop the mean loss by 0.13-0.32 in a plain torch loop on digits (8 seeds)
     first_values = [min(values[step]) for step in sorted(values)]
@@ -195,5 +207,5 @@ def test_a_data_failure_ends_the_job_in_one_attempt_with_one_line(tmp_path, caps
     output = done.stdout + done.stderr
     assert output.count("Started training worker group") == 1, output[-3000:]  # not restarted for bad data
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("vit-pipeline").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("vit-pipeline").experiment_id], filter_string=JOB_RUNS)
     assert run.info.status == "FAILED"

@@ -1,5 +1,5 @@
 """The training loop in one process through `LocalContext`: no Ray anywhere on the path, and the trickiest logic
-of the loop (shard-granular resume, the EMA across a resume) checked exactly, in seconds."""
+of the loop (the sample-exact resume, the schedule and the EMA across resumes) checked exactly, in seconds."""
 
 import itertools
 import json
@@ -26,13 +26,27 @@ from pipeline.train.context import LocalContext
 from pipeline.train.loop import run_training
 from pipeline.train.resolved_job import resolve_job
 
+from pipeline.train import loop
+
+trained = []  # (uri, position) of every row of every batch the loop trained on, per run
+train_batch = loop.InputPipeline.train_batch
+
+
+def recording(self, batch):
+    uris = [stream for stream in ctx.streams if stream.train][-1].shards.uris  # the pass's shard list
+    trained[-1].append([[uris[s], i] for s, i in zip(batch["shard"].tolist(), batch["index"].tolist())])
+    return train_batch(self, batch)
+
+
+loop.InputPipeline.train_batch = recording
 args = json.loads(sys.argv[1])
 out = {}
 for name, overrides in args["runs"]:
     run, _ = resolve_job(load_job_config(args["config"], [*args["common"], *overrides]), "pretrain")
     ctx = LocalContext(f"{args['folder']}/{name}")
+    trained.append([])
     state = run_training(run, ctx)
-    out[name] = {"step": state.step, "images_seen": state.images_seen,
+    out[name] = {"step": state.step, "images_seen": state.images_seen, "trained": trained[-1],
                  "checkpoints": [str(path) for path in ctx.checkpoints],
                  "report_steps": [report["step"] for report in ctx.reports],
                  "lrs": [report["train/lr"] for report in ctx.reports],
@@ -56,19 +70,8 @@ def write_shards(tars) -> list[str]:
     return [str(tars.folder / "s" / f"train-{s:06d}.tar") for s in range(len(SIZES))]
 
 
-def done_after(order: list[str], counts: dict[str, int], rows: int) -> list[str]:
-    """The shards of `order` whose every row is among its first `rows` (rows arrive in shard order)."""
-    done, total = [], 0
-    for uri in order:
-        total += counts[uri]
-        if total > rows:
-            break
-        done.append(uri)
-    return done
-
-
-def shards_done(checkpoint: str) -> list[str]:
-    return json.loads(open(f"{checkpoint}/train_state.json").read())["shards_done"]
+def record(checkpoint: str) -> dict:
+    return json.loads(open(f"{checkpoint}/train_state.json").read())
 
 
 def weights(checkpoint: str, name: str = "model.safetensors") -> dict[str, np.ndarray]:
@@ -80,57 +83,71 @@ def assert_ema_step(previous: dict, now_weights: dict, now_ema: dict, decay: flo
         np.testing.assert_allclose(value, decay * previous[key] + (1 - decay) * now_weights[key], rtol=0, atol=1e-6)
 
 
-def test_resume_reads_the_shards_not_done_and_carries_the_ema(tars, tmp_path):
+def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_and_the_ema(tars, tmp_path):
     uris = write_shards(tars)
-    counts = dict(zip(uris, SIZES, strict=True))
     folder = tars.folder / "s"
     common = [f"data.train={folder}/train-*.tar", f"data.val={folder}/val-*.tar", "data.img_size=16",
-              "data.local_shuffle_buffer=0", f"data.shuffle_seed={SEED}", "model.args={depth: 1}",
-              "train.num_workers=1", f"train.global_batch_size={BATCH}", "train.steps=24",
+              "data.local_shuffle_buffer=8", "data.decode_batch_size=4", f"data.shuffle_seed={SEED}",
+              "model.args={depth: 1}", "train.num_workers=1", f"train.global_batch_size={BATCH}", "train.steps=24",
               "train.checkpoint_every_n_steps=1", "train.eval_every_n_steps=12", "train.log_every_n_steps=1",
               "optim.warmup_steps=2", "finetune.ema_decay=0.5", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    first = f"{tmp_path}/a/checkpoint_000004"  # step 5
-    args = {"config": "jobs/configs/digits_pretrain.yaml", "common": common, "folder": str(tmp_path),
-            "runs": [["a", ["train.stop_after_steps=5"]], ["b", [f"train.resume_from={first}"]]]}
+    # stops mid-shard with rows in the shuffle buffer (5, 11), just past an epoch boundary (17), and the end
+    stops = [5, 11, 17, 24]
+    starts = [0, *stops[:-1]]
+    last = [f"{tmp_path}/{name}/checkpoint_{stop - start - 1:06d}"
+            for name, start, stop in zip("abcd", starts, stops, strict=True)]
+    runs = [[name, [f"train.stop_after_steps={stop}", *([f"train.resume_from={last[k - 1]}"] if k else [])]]
+            for k, (name, stop) in enumerate(zip("abcd", stops, strict=True))]
+    args = {"config": "jobs/configs/digits_pretrain.yaml", "common": common, "folder": str(tmp_path), "runs": runs}
     result = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(args)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert not out["ray_imported"]  # the loop, the local context and the local data path import no Ray
 
-    a, b = out["a"], out["b"]
+    attempts = [out[name] for name in "abcd"]
+    assert [a["step"] for a in attempts] == stops and attempts[-1]["images_seen"] == 24 * BATCH
+    assert sum((a["report_steps"] for a in attempts), []) == list(range(1, 25))  # no step twice
+    steps = [batch for a in attempts for batch in a["trained"]]
+    assert len(steps) == 24 and all(len(batch) == BATCH for batch in steps)
+    # every sample of epoch 0 (16 steps of the 64) once; epoch 1's first 8 steps, no sample twice
+    epoch0 = [tuple(row) for batch in steps[:16] for row in batch]
+    epoch1 = [tuple(row) for batch in steps[16:] for row in batch]
+    assert sorted(epoch0) == sorted((uri, i) for uri, size in zip(uris, SIZES, strict=True) for i in range(size))
+    assert len(set(epoch1)) == len(epoch1) == 8 * BATCH
+    # a resumed pass reads the shards not done, in its epoch's order; then whole epochs, each its own permutation
     order0, order1 = shard_order(uris, SEED, 0), shard_order(uris, SEED, 1)
-    assert (a["step"], a["report_steps"]) == (5, [1, 2, 3, 4, 5])
-    assert a["orders"][0] == [order0]  # the whole-epoch stream read epoch 0's permutation
-    for step, checkpoint in enumerate(a["checkpoints"], start=1):  # exactly the shards whose rows were all consumed
-        assert shards_done(checkpoint) == done_after(order0, counts, BATCH * step), step
-    done_a = shards_done(first)
-    assert done_a  # the stop fell after at least one whole shard
-
-    # the resume first reads the rest of epoch 0, the shards not done, in epoch 0's order, then whole epochs
-    rest = [uri for uri in order0 if uri not in done_a]
-    pass_steps = sum(counts[uri] for uri in rest) // BATCH
-    assert b["orders"][0] == [rest] and b["orders"][1] == [order1]
-    assert (b["step"], b["images_seen"]) == (24, 24 * BATCH)
-    assert b["report_steps"] == list(range(6, 25))
+    assert attempts[0]["orders"][0] == [order0]
+    for k, order in ((1, order0), (2, order0), (3, order1)):
+        done = set(record(last[k - 1])["shards_done"])
+        assert attempts[k]["orders"][0] == [[uri for uri in order if uri not in done]], k
+    assert attempts[2]["orders"][1] == [order1]
+    # each checkpoint's record is exactly what was trained on in its epoch so far
+    for a in attempts:
+        for step, checkpoint in zip(a["report_steps"], a["checkpoints"], strict=True):
+            saved = record(checkpoint)
+            epoch_start = 0 if step <= 16 else 16
+            seen = {tuple(row) for batch in steps[epoch_start:step] for row in batch}
+            accounted = {(uri, i) for uri in saved["shards_done"] for i in range(SIZES[uris.index(uri)])}
+            for uri, text in saved["samples_done"].items():
+                accounted |= {(uri, i) for i in np.flatnonzero(bits_of(text))}
+            assert (saved["epoch"], accounted) == (0 if step <= 16 else 1, seen), step
     # the schedule goes on where it stopped: each step's lr is the warmup + cosine value of its step
     expected_lrs = [1e-3 * lr_multiplier(step - 1, warmup_steps=2, total_steps=24, min_lr_ratio=0.01)
                     for step in range(1, 25)]
-    assert a["lrs"] + b["lrs"] == pytest.approx(expected_lrs, rel=1e-6)
-    for step, checkpoint in zip(b["report_steps"], b["checkpoints"], strict=True):
-        if step <= 5 + pass_steps:
-            expected = done_a + done_after(rest, counts, BATCH * (step - 5))
-        else:
-            expected = done_after(order1, counts, BATCH * (step - 5 - pass_steps))
-        assert shards_done(checkpoint) == expected, step
-
-    # EMA: every step's average is decay x the last one + (1 - decay) x the new weights, across the resume too
-    for before, now in itertools.pairwise(a["checkpoints"]):
+    assert sum((a["lrs"] for a in attempts), []) == pytest.approx(expected_lrs, rel=1e-6)
+    # EMA: every step's average is decay x the last one + (1 - decay) x the new weights, across a resume too
+    a, b = attempts[0]["checkpoints"], attempts[1]["checkpoints"]
+    for before, now in [*itertools.pairwise(a), (a[-1], b[0])]:
         assert_ema_step(weights(before, "model_ema.safetensors"), weights(now), weights(now, "model_ema.safetensors"),
                         0.5)
-    assert_ema_step(weights(first, "model_ema.safetensors"), weights(b["checkpoints"][0]),
-                    weights(b["checkpoints"][0], "model_ema.safetensors"), 0.5)
-    assert not np.allclose(weights(first)["head.weight"], weights(first, "model_ema.safetensors")["head.weight"])
+    assert not np.allclose(weights(a[-1])["head.weight"], weights(a[-1], "model_ema.safetensors")["head.weight"])
+
+
+def bits_of(text: str) -> np.ndarray:
+    from pipeline.data.epochs import EpochRecord
+
+    return EpochRecord.from_json({"samples_done": {"x": text}}).partial["x"]
 
 
 def test_the_readme_runs_the_loop_in_one_process(tmp_path):

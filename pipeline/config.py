@@ -70,11 +70,7 @@ class DataConfig:
             (self.decode_batch_size >= 1, "decode_batch_size must be >= 1"),
             (self.decode_concurrency >= 0, "decode_concurrency must be >= 0 (0 lets Ray Data decide)"),
             (self.decode_num_cpus > 0, "decode_num_cpus must be > 0"),
-            (all(isinstance(name, str) and name and name not in _BUILTIN_RESOURCES for name in self.decode_resources),
-             f"decode_resources names custom resources (not {', '.join(_BUILTIN_RESOURCES)}; decode_num_cpus sets "
-             "the CPUs)"),
-            (all(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0
-                 for amount in self.decode_resources.values()), "decode_resources amounts must be numbers > 0"),
+            *custom_resource_checks("decode_resources", self.decode_resources, "decode_num_cpus sets the CPUs"),
             (self.local_shuffle_buffer >= 0, "local_shuffle_buffer must be >= 0"),
             (self.prefetch_batches >= 0, "prefetch_batches must be >= 0"),
         ]
@@ -85,6 +81,15 @@ class DataConfig:
 
 
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def custom_resource_checks(key: str, resources: dict, hint: str) -> list[tuple[bool, str]]:
+    return [
+        (all(isinstance(name, str) and name and name not in _BUILTIN_RESOURCES for name in resources),
+         f"{key} names custom resources (not {', '.join(_BUILTIN_RESOURCES)}; {hint})"),
+        (all(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0
+             for amount in resources.values()), f"{key} amounts must be numbers > 0"),
+    ]
 
 
 def _is_range(pair) -> bool:
@@ -161,6 +166,7 @@ class TrainConfig:
     micro_batch_size: int = 0  # images per worker per forward; 0 means global / workers (the most workers)
     num_workers: int | tuple[int, int] = 2  # Ray Train workers, one per GPU; [min, max] is elastic
     cpus_per_worker: float = 1.0  # CPUs each Train worker reserves; fractions leave CPUs to Ray Data decode
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom resources per worker: {trainer_node: 1}
     device: str = "auto"  # "auto" (cuda when the cluster has GPUs), "cuda" or "cpu"
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1, 2 or 3
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
@@ -216,6 +222,7 @@ class TrainConfig:
             (self.global_batch_size >= 1 and self.micro_batch_size >= 0, "batch sizes must be positive"),
             (not self._unsplittable_world_sizes(), self._split_error()),
             (self.cpus_per_worker > 0, "cpus_per_worker must be > 0"),
+            *custom_resource_checks("worker_resources", self.worker_resources, "cpus_per_worker sets the CPUs"),
             (self.device in ("auto", "cuda", "cpu"), "device must be 'auto', 'cuda' or 'cpu'"),
             (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
             (not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer needs zero_stage >= 1"),

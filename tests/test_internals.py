@@ -45,6 +45,33 @@ def test_the_data_stats_actor_is_made_by_the_driver_on_its_node(ray_local):
     assert actor.node_id == ray_local.get_runtime_context().get_node_id()
 
 
+def probe_preemption_notice(config: dict) -> None:
+    """In a Ray Train worker: the notice before and after the worker is marked, as Ray's watcher marks it."""
+    import ray.train
+    from ray.train import PreemptionInfo
+
+    from pipeline.internals import preemption_notice
+
+    before = (preemption_notice(), ray.train.get_preemption_info())
+    info = PreemptionInfo(deadline_ms=1_700_000_000_000, preempted_node_to_ranks={"node": [0]})
+    ray.get(ray.get_runtime_context().current_actor.mark_preempt.remote(info))
+    after = (preemption_notice(), ray.train.get_preemption_info())
+    with open(config["out"], "w") as f:
+        json.dump({"before": [x is None for x in before], "after": [x == info for x in after]}, f)
+
+
+def test_the_preemption_notice_is_read_without_a_collective(ray_local, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = tmp_path / "notice.json"
+    TorchTrainer(probe_preemption_notice, train_loop_config={"out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(name="notice", storage_path=str(tmp_path / "runs"))).fit()
+    # the field the loop reads is the one Ray's own get_preemption_info() broadcasts, before and after a notice
+    assert json.loads(out.read_text()) == {"before": [True, True], "after": [True, True]}
+
+
 # A fresh interpreter: the engine needs a process group, which would outlive this test in the test process.
 WEIGHTS_ONLY = r"""
 import json, pickle, sys, torch

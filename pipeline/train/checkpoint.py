@@ -9,7 +9,10 @@ A checkpoint directory holds:
     train_state.json      the loop and data position: step, epoch, the samples of the epoch accounted for
 
 Every rank writes into its own local directory and reports it; Ray Train merges the ranks' files into one
-checkpoint in storage. Nothing is unpickled without `weights_only=True`, DeepSpeed's own files included.
+checkpoint in storage. Nothing is unpickled without `weights_only=True`, DeepSpeed's own files included. A ZeRO
+checkpoint of another world size resumes through DeepSpeed's universal format (pipeline/train/reshard.py), whose
+converter and loader unpickle freely: the checkpoint's files are loaded weights-only first, and what the
+converter writes stays in a private temporary folder.
 """
 
 import contextlib
@@ -25,6 +28,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.data.epochs import EpochRecord
+from pipeline.train.reshard import default_local_rank, load_resharded_collective, needs_reshard, saved_layout
 
 DEEPSPEED_TAG = "deepspeed"
 WEIGHTS_FILE = "model.safetensors"
@@ -116,12 +120,22 @@ def check_compatible(directory: str | Path, model: nn.Module) -> None:
                                  f"differ): {shown}")
 
 
-def load_checkpoint(engine, directory: str | Path) -> LoopState:
-    """Restore model, optimizer, scheduler and the loop state from a checkpoint directory (every rank)."""
+def load_checkpoint(engine, directory: str | Path, *, local_rank: int | None = None,
+                    scratch_dir: str | Path | None = None) -> LoopState:
+    """Restore model, optimizer, scheduler and the loop state from a checkpoint directory (every rank: a
+    collective). A ZeRO checkpoint saved by another number of ranks is converted on the way, once per machine
+    (pipeline/train/reshard.py): `local_rank` (default: the engine's, from LOCAL_RANK) says which rank of this
+    machine converts, `scratch_dir` (default: the temporary directory) where. `directory` is only read."""
     check_compatible(directory, engine.module)
     if not (Path(directory) / DEEPSPEED_TAG).is_dir():
         raise FileNotFoundError(f"{directory} holds no DeepSpeed state ({DEEPSPEED_TAG}/): cannot resume from it")
-    load_path, client_state = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+    layout = saved_layout(Path(directory) / DEEPSPEED_TAG, engine.checkpoint_engine.load)
+    if needs_reshard(engine, layout):
+        load_path, client_state = load_resharded_collective(
+            engine, directory, DEEPSPEED_TAG, layout,
+            local_rank=default_local_rank(engine) if local_rank is None else local_rank, scratch_dir=scratch_dir)
+    else:
+        load_path, client_state = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint to resume from in {directory}")
     return LoopState(**client_state["loop_state"])

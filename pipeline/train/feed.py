@@ -111,6 +111,11 @@ class TrainFeed:
             totals = holder[0]
         return record, totals
 
+    def sample_ids(self, batch: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+        """(shard uri, position) of each row of a batch of the current pass."""
+        uris = self.tally.plan.shards
+        return [(uris[s], i) for s, i in zip(batch["shard"].tolist(), batch["index"].tolist(), strict=True)]
+
     def metrics(self) -> dict[str, float]:
         return self.worker_batches.metrics() if self.worker_batches else {}
 

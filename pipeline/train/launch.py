@@ -112,7 +112,7 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
                            parent_run_id=(run.init.parent_run_id or None) if run.init else None, extra_tags=tags)
     run = dataclasses.replace(run, mlflow_run_id=run_id)
     log.info("MLflow run %s in %s; checkpoints under %s/%s", run_id, run.tracking_uri, run.storage_path, run.run_name)
-    resources = {"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {**train_cfg.worker_resources, "CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": run, "init_state": ray.put(init_state) if init_state is not None else None},

@@ -6,6 +6,7 @@ runs exactly `train.steps` optimizer steps and calls every collective (eval, che
 steps, so no rank waits on another that has stopped. Functions that are collectives say so in their names.
 """
 
+import json
 import logging
 import os
 import sys
@@ -187,18 +188,20 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
     state, ema = LoopState(), None
     with ctx.latest_checkpoint() as checkpoint_dir, local_checkpoint(checkpoint_dir or train_cfg.resume_from) as source:
         if source:
-            state = load_checkpoint(engine, source)
+            state = load_checkpoint(engine, source, local_rank=ctx.local_rank)
             if rank == 0:
                 record = state.epoch_record()
-                log.info("resumed from %s at step %d (epoch %d: %d shards done, %d partly) at world size %d%s: "
-                         "micro-batch %d x accumulation %d x %d workers = %d", checkpoint_dir or train_cfg.resume_from,
-                         state.step, state.epoch, len(record.done), len(record.partial), world_size,
-                         f" (was {state.world_size})" if state.world_size not in (0, world_size) else "",
-                         micro_batch, accum, world_size, train_cfg.global_batch_size)
+                log.info("resumed from %s at step %d (epoch %d: %d shards done, %d partly read)",
+                         checkpoint_dir or train_cfg.resume_from, state.step, state.epoch, len(record.done),
+                         len(record.partial))
         if job.finetune.ema_decay:
             ema = WeightEMA(engine.module, job.finetune.ema_decay)
             if source and os.path.exists(os.path.join(source, EMA_WEIGHTS_FILE)):
                 ema.load_state_dict(read_weights(os.path.join(source, EMA_WEIGHTS_FILE)))
+    if rank == 0:
+        log.info("world size %d%s: micro-batch %d x accumulation %d x %d workers = global batch %d", world_size,
+                 f" (was {state.world_size})" if state.world_size not in (0, world_size) else "", micro_batch, accum,
+                 world_size, train_cfg.global_batch_size)
     resumed_from, state.world_size = state.step, world_size
     torch.manual_seed(train_cfg.seed * 10_000 + rank * 1_000 + state.step)  # augmentation draws differ per rank
 
@@ -221,6 +224,7 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                                  start_step=state.step)
     progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size)
     batches = feed.epochs(state.epoch_record())
+    sample_log = open_sample_log_collective(rank, world_size)
     last_val: dict[str, float] = {}
     stop_step = train_cfg.stop_after_steps or train_cfg.steps
     outcome = "FAILED"
@@ -229,6 +233,9 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
             wait_start = time.perf_counter()
             epoch, batch = next(batches)
             data_wait_s = time.perf_counter() - wait_start
+            if sample_log is not None:
+                sample_log.write(json.dumps({"step": state.step + 1, "epoch": epoch,
+                                             "samples": feed.sample_ids(batch)}) + "\n")
             images, targets = inputs.train_batch(batch)
             lr = max(engine.lr_scheduler.get_last_lr())  # this step's: the step advances the schedule
             loss = train_step(engine, images, targets, micro_batch=micro_batch, accum=accum,
@@ -294,7 +301,28 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
     finally:
         if tracked is not None:
             tracked.close(outcome)
+        if sample_log is not None:
+            sample_log.close()
     return state
+
+
+SAMPLE_LOG_ENV = "VIT_PIPELINE_SAMPLE_LOG"
+
+
+def open_sample_log_collective(rank: int, world_size: int):
+    """With VIT_PIPELINE_SAMPLE_LOG=<folder> (on every worker): a file there per rank and attempt,
+    `attempt-<start ns>-rank<r>of<w>.jsonl` (rank 0's start time, so later attempts sort later), with one JSON
+    line per step holding the (shard, position) of every sample the rank trained on: to audit what a run saw
+    (which samples a loss spike came from; that resumes repeat none). Off by default. Line-buffered, so a lost
+    worker loses no step it logged. A collective when on."""
+    folder = os.environ.get(SAMPLE_LOG_ENV)
+    if not folder:
+        return None
+    started = [time.time_ns()]
+    if world_size > 1:
+        dist.broadcast_object_list(started, src=0)
+    os.makedirs(folder, exist_ok=True)
+    return open(os.path.join(folder, f"attempt-{started[0]}-rank{rank}of{world_size}.jsonl"), "a", buffering=1)
 
 
 def validate_collective(engine, ema: WeightEMA | None, val_stream, inputs: InputPipeline, *, batch_size: int,

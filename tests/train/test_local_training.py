@@ -20,33 +20,20 @@ from pipeline.train.optim import lr_multiplier
 # Run in a fresh interpreter: what it imports is what the local path needs, and the test process's own Ray and
 # process group stay out of it.
 TRAIN = r"""
-import json, sys
+import json, os, sys
 from pipeline.config import load_job_config
 from pipeline.train.context import LocalContext
 from pipeline.train.loop import run_training
 from pipeline.train.resolved_job import resolve_job
 
-from pipeline.train import loop
-
-trained = []  # (uri, position) of every row of every batch the loop trained on, per run
-train_batch = loop.InputPipeline.train_batch
-
-
-def recording(self, batch):
-    uris = [stream for stream in ctx.streams if stream.train][-1].shards.uris  # the pass's shard list
-    trained[-1].append([[uris[s], i] for s, i in zip(batch["shard"].tolist(), batch["index"].tolist())])
-    return train_batch(self, batch)
-
-
-loop.InputPipeline.train_batch = recording
 args = json.loads(sys.argv[1])
 out = {}
 for name, overrides in args["runs"]:
     run, _ = resolve_job(load_job_config(args["config"], [*args["common"], *overrides]), "pretrain")
     ctx = LocalContext(f"{args['folder']}/{name}")
-    trained.append([])
+    os.environ["VIT_PIPELINE_SAMPLE_LOG"] = f"{args['folder']}/{name}/samples"  # what each step trained on
     state = run_training(run, ctx)
-    out[name] = {"step": state.step, "images_seen": state.images_seen, "trained": trained[-1],
+    out[name] = {"step": state.step, "images_seen": state.images_seen,
                  "checkpoints": [str(path) for path in ctx.checkpoints],
                  "report_steps": [report["step"] for report in ctx.reports],
                  "lrs": [report["train/lr"] for report in ctx.reports],
@@ -108,11 +95,11 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
     attempts = [out[name] for name in "abcd"]
     assert [a["step"] for a in attempts] == stops and attempts[-1]["images_seen"] == 24 * BATCH
     assert sum((a["report_steps"] for a in attempts), []) == list(range(1, 25))  # no step twice
-    steps = [batch for a in attempts for batch in a["trained"]]
+    steps = [batch for name in "abcd" for batch in trained(tmp_path / name / "samples")]
     assert len(steps) == 24 and all(len(batch) == BATCH for batch in steps)
     # every sample of epoch 0 (16 steps of the 64) once; epoch 1's first 8 steps, no sample twice
-    epoch0 = [tuple(row) for batch in steps[:16] for row in batch]
-    epoch1 = [tuple(row) for batch in steps[16:] for row in batch]
+    epoch0 = [row for batch in steps[:16] for row in batch]
+    epoch1 = [row for batch in steps[16:] for row in batch]
     assert sorted(epoch0) == sorted((uri, i) for uri, size in zip(uris, SIZES, strict=True) for i in range(size))
     assert len(set(epoch1)) == len(epoch1) == 8 * BATCH
     # a resumed pass reads the shards not done, in its epoch's order; then whole epochs, each its own permutation
@@ -127,7 +114,7 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
         for step, checkpoint in zip(a["report_steps"], a["checkpoints"], strict=True):
             saved = record(checkpoint)
             epoch_start = 0 if step <= 16 else 16
-            seen = {tuple(row) for batch in steps[epoch_start:step] for row in batch}
+            seen = {row for batch in steps[epoch_start:step] for row in batch}
             accounted = {(uri, i) for uri in saved["shards_done"] for i in range(SIZES[uris.index(uri)])}
             for uri, text in saved["samples_done"].items():
                 accounted |= {(uri, i) for i in np.flatnonzero(bits_of(text))}
@@ -142,6 +129,13 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
         assert_ema_step(weights(before, "model_ema.safetensors"), weights(now), weights(now, "model_ema.safetensors"),
                         0.5)
     assert not np.allclose(weights(a[-1])["head.weight"], weights(a[-1], "model_ema.safetensors")["head.weight"])
+
+
+def trained(folder: Path) -> list[list[tuple[str, int]]]:
+    """The samples of each step of one run, from its sample log (VIT_PIPELINE_SAMPLE_LOG)."""
+    [log] = folder.glob("attempt-*-rank0of1.jsonl")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return [[tuple(sample) for sample in line["samples"]] for line in sorted(lines, key=lambda line: line["step"])]
 
 
 def bits_of(text: str) -> np.ndarray:

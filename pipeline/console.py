@@ -18,7 +18,13 @@ narrowest knob that reaches it; nothing lowers a library's WARNING or ERROR leve
 - Ray Train, per start of the worker group, the two lines that repeat its neighbours: "Attempting to start
   training worker group of size N with the following resources: …" (after "Requesting resources: …") and
   rank 0's "Setting up process group for: env:// [rank=0, world_size=N]" (forwarded-line filter).
+- Ray Train's elastic policy, every `train.resize_check_s`: "Did not detect any changes in the cluster
+  resources. Training will continue with the same worker group size (N)." (forwarded-line filter); a resize
+  shows in Ray's "Detected changes in the cluster resources…" and in our "world size N (was M)".
 - DeepSpeed, per rank: the print "DeepSpeed … built successfully" (forwarded-line filter).
+- DeepSpeed, per rank and resharded load (a checkpoint of another world size): "MPU is not provided, setting
+  tp size to 1 in checkpoint loading." (a filter for that message on that logger; there is no tensor
+  parallelism here).
 - torch, per rank: "No CUDA runtime is found, using CUDA_HOME=…" on CPU workers, when DeepSpeed's op builder
   imports torch.utils.cpp_extension (a filter for that message on that logger); the FutureWarning
   "`torch.distributed.*` is deprecated" for the collectives DeepSpeed's ZeRO calls (warnings.filterwarnings).
@@ -64,11 +70,13 @@ FORWARDED_QUIET = (
     r"Actor with class name: 'PreemptionWatcher' .*has constructor arguments in the object store",  # Ray Train
     r"^Attempting to start training worker group of size \d+ with the following resources: ",  # per attempt
     r"^Setting up process group for: ",  # Ray Train, rank 0, per attempt
+    r"^Did not detect any changes in the cluster resources\. Training will continue",  # elastic, per check
     r"^DeepSpeed \S+ built successfully$",  # DeepSpeed's print, per rank
 )
 # (logger, message) pairs dropped in the Train workers unless verbose
 WORKER_QUIET = (
     ("torch.utils.cpp_extension", r"^No CUDA runtime is found, using CUDA_HOME="),
+    ("DeepSpeed", r"^MPU is not provided, setting tp size to 1 in checkpoint loading"),  # resharded loads, per rank
 )
 # loggers whose INFO lines are not for people; their warnings and errors still show
 DRIVER_WARNING_LEVEL = ("mlflow.store.db.utils",)

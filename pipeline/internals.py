@@ -98,6 +98,24 @@ def skip_forwarded_lines(pattern: str | None) -> bool:
     return True
 
 
+@contextmanager
+def universal_checkpoint_loading(engine) -> Iterator[None]:
+    """Within the block, `engine.load_checkpoint` reads a DeepSpeed universal checkpoint (a ZeRO checkpoint of
+    another world size, converted: pipeline/train/reshard.py). DeepSpeed takes that from the config's
+    `checkpoint.load_universal`, which it reads only in `load_checkpoint` (`engine.load_universal_checkpoint()`);
+    set in the config it would send every load, of any world size, the universal way. So it is set on the
+    engine's private config object for one load."""
+    config = engine._config
+    if not hasattr(config, "load_universal_checkpoint"):
+        raise RuntimeError("DeepSpeed's config has no load_universal_checkpoint: cannot load a universal checkpoint")
+    previous = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = previous
+
+
 def preemption_notice():
     """The preemption notice Ray Train's watcher has given this worker (a `ray.train.PreemptionInfo`), or None,
     without a collective. The public `ray.train.get_preemption_info()` agrees on one value through a barrier

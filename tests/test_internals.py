@@ -88,6 +88,10 @@ LocalContext(sys.argv[1])
 job = load_job_config(None, ["train.num_workers=1", "train.global_batch_size=2", "data.img_size=16"])
 args = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 3}
 engine, _ = build_engine(job, args, 1, torch.device("cpu"))
+from pipeline.internals import universal_checkpoint_loading
+with universal_checkpoint_loading(engine):
+    universal = [engine.load_universal_checkpoint()]
+universal.append(engine.load_universal_checkpoint())
 save_checkpoint_collective(engine, sys.argv[1], rank=0, state=LoopState(step=1), model_config={})
 engine.load_checkpoint(sys.argv[1], tag=DEEPSPEED_TAG)  # our own checkpoint loads
 states = f"{sys.argv[1]}/{DEEPSPEED_TAG}/mp_rank_00_model_states.pt"
@@ -95,19 +99,20 @@ torch.save({"module": Payload()}, states)
 try:
     engine.load_checkpoint(sys.argv[1], tag=DEEPSPEED_TAG)
 except pickle.UnpicklingError as err:
-    print(json.dumps({"refused": True, "type": type(engine.checkpoint_engine).__name__}))
+    print(json.dumps({"refused": True, "type": type(engine.checkpoint_engine).__name__, "universal": universal}))
 else:
     print(json.dumps({"refused": False}))
 """
 
 
-def test_deepspeed_checkpoints_are_unpickled_weights_only(tmp_path):
+def test_deepspeed_checkpoints_are_unpickled_weights_only_and_a_universal_load_is_for_one_load(tmp_path):
     result = subprocess.run([sys.executable, "-c", WEIGHTS_ONLY, str(tmp_path)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert "unpickled" not in lines
-    assert json.loads(lines[-1]) == {"refused": True, "type": "WeightsOnlyCheckpointEngine"}
+    assert json.loads(lines[-1]) == {"refused": True, "type": "WeightsOnlyCheckpointEngine",
+                                     "universal": [True, False]}  # a universal load for one load only
 
 
 def test_bounded_http_settings_apply_inside_and_are_restored(monkeypatch):

@@ -3,7 +3,7 @@
     make_shards (shard_writer, sources) ─► {split}-NNNNNN.tar + {split}.manifest.json (manifest)
     index_shards (shard_writer) ─► the manifest of shards already made (img2dataset's 00000.tar …)
     read_shard_set (shard_set): a spec's shards (shard_specs), their counts and classes, read once on the driver
-    plan_epoch, ShardTally (epochs): an epoch's shard order and step count, the shards consumed for a resume
+    plan_epoch, SampleTally (epochs): an epoch's shard order and step count, the samples trained on for a resume
     build_image_dataset (datasets) = WebDatasetShards (tar_reader) ─► map_batches(decode_batch) (transforms, decode)
     LocalImageStream (local_stream): the same rows and decode in one process, without Ray
     WorkerBatches (worker_batches): exactly the epoch's step count of batches per Train worker

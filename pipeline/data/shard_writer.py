@@ -229,7 +229,7 @@ def _image_stats(sizes: dict, count: int) -> dict:
             "max_width": sizes["max_width"], "max_height": sizes["max_height"]}
 
 
-DIGITS_SHARD_SIZE = 200  # 8 train shards: decode runs in parallel and resumes at shard granularity
+DIGITS_SHARD_SIZE = 200  # 8 train shards: decode runs in parallel, and a resume meets partly read shards
 
 
 def ensure_digits_shards(train_spec: str, *, img_size: int) -> None:

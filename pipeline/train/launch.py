@@ -28,6 +28,14 @@ from pipeline.train.resolved_job import ResolvedJob
 log = logging.getLogger(__name__)
 
 
+# After a node is lost or drained, Ray Train's elastic policy sizes the new worker group from a view of the cluster
+# that Ray refreshes every 20 s, so its first try may count the node that just went; that try waits this long for
+# workers that never come before it sizes the group again (Ray's default is 60 s). The resources are there when the
+# policy decides, so a group that can start starts well within it.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+ELASTIC_START_TIMEOUT_S = 30
+
+
 @dataclass
 class JobResult:
     run_id: str
@@ -126,6 +134,8 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints)),
     )
+    if isinstance(train_cfg.num_workers, tuple):
+        os.environ.setdefault(START_TIMEOUT_ENV, str(ELASTIC_START_TIMEOUT_S))  # Ray Train passes it to its controller
     pin_data_stats_to_this_node()
     start = time.perf_counter()
     try:

@@ -273,19 +273,11 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                          f"deadline in {drain_deadline / 1000 - time.time():.0f} s" if drain_deadline else
                          "no deadline given", state.step)
             if due(state.step, train_cfg.checkpoint_every_n_steps, stop_step) or drain_deadline is not None:
-                record, bad_samples = feed.record_collective()
-                state.set_epoch_record(record)
-                state.bad_samples = asdict(bad_samples)
-                with tempfile.TemporaryDirectory(prefix="vit-checkpoint-") as directory:
-                    save_checkpoint_collective(engine, directory, rank=rank, state=state, model_config=run.record(),
-                                               ema_weights=ema.state_dict() if ema is not None else None)
-                    location = ctx.report({"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
-                                           **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
-                                           **{f"last_{k}": v for k, v in last_val.items()}}, directory)
-                if location and tracked is not None:
+                report = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
+                          **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
+                          **{f"last_{k}": v for k, v in last_val.items()}}
+                if checkpoint_collective(run, ctx, engine, feed, state, ema, report) and tracked is not None:
                     tracked.commit(state.step)
-                if rank == 0 and location:
-                    log.info("checkpoint step %d: %s", state.step, storage.to_uri(run.storage_path, location))
                 if drain_deadline is not None and state.step < stop_step:
                     if rank == 0:
                         log.info("checkpoint for the drain saved; training resumes from it once Ray Train restarts "
@@ -323,6 +315,22 @@ def open_sample_log_collective(rank: int, world_size: int):
         dist.broadcast_object_list(started, src=0)
     os.makedirs(folder, exist_ok=True)
     return open(os.path.join(folder, f"attempt-{started[0]}-rank{rank}of{world_size}.jsonl"), "a", buffering=1)
+
+
+def checkpoint_collective(run: ResolvedJob, ctx: TrainContext, engine, feed: TrainFeed, state: LoopState,
+                          ema: WeightEMA | None, report: dict) -> str | None:
+    """The data position agreed by all ranks, the DeepSpeed state and the weights, reported to the context; where
+    the checkpoint went, None if it was not stored (a collective)."""
+    record, bad_samples = feed.record_collective()
+    state.set_epoch_record(record)
+    state.bad_samples = asdict(bad_samples)
+    with tempfile.TemporaryDirectory(prefix="vit-checkpoint-") as directory:
+        save_checkpoint_collective(engine, directory, rank=ctx.rank, state=state, model_config=run.record(),
+                                   ema_weights=ema.state_dict() if ema is not None else None)
+        location = ctx.report(report, directory)
+    if ctx.rank == 0 and location:
+        log.info("checkpoint step %d: %s", state.step, storage.to_uri(run.storage_path, location))
+    return location
 
 
 def validate_collective(engine, ema: WeightEMA | None, val_stream, inputs: InputPipeline, *, batch_size: int,

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.internals import universal_checkpoint_loading
+
 log = logging.getLogger(__name__)
 
 SCRATCH_PREFIX = "vit-reshard-"
@@ -227,23 +229,6 @@ def _is_token(folder: Path, token: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def universal_loading(engine) -> Iterator[None]:
-    """DeepSpeed's engine reads its `checkpoint.load_universal` setting only in `load_checkpoint`
-    (`engine.load_universal_checkpoint()`, deepspeed/runtime/engine.py), so it is turned on for one load
-    here rather than in the config, where it would send every load, of any world size, the universal way."""
-    config = engine._config
-    if not hasattr(config, "load_universal_checkpoint"):
-        raise ReshardError("this DeepSpeed's config has no load_universal_checkpoint: cannot load a universal "
-                           "checkpoint")
-    previous = config.load_universal_checkpoint
-    config.load_universal_checkpoint = True
-    try:
-        yield
-    finally:
-        config.load_universal_checkpoint = previous
-
-
 def restore_param_groups(engine, universal_dir: Path) -> None:
     """ZeRO-3's universal loader gives every param group the hyperparameters of the first saved one
     (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): with the weight-decay and no-decay
@@ -266,7 +251,7 @@ def load_resharded_collective(engine, directory: str | Path, tag: str, layout: S
                                    scratch_dir=scratch_dir) as universal:
         error, result = None, (None, None)
         try:
-            with universal_loading(engine):
+            with universal_checkpoint_loading(engine):
                 result = engine.load_checkpoint(str(universal), tag=tag)
             if engine.zero_optimization_stage() == 3:
                 restore_param_groups(engine, universal / tag)

@@ -29,7 +29,8 @@ def test_aws_launcher_config_passes_rays_schema_check_with_gpu_and_data_node_typ
     assert head["resources"] == {"CPU": 0} and "GPU" not in head["resources"]
     gpu = [t for t in types.values() if t["resources"].get("GPU")]
     data = [t for t in types.values() if t["resources"].get("data_node")]
-    assert len(gpu) == 1 and gpu[0]["max_workers"] >= 1
+    assert len(gpu) == 2 and all(t["max_workers"] >= 1 for t in gpu)  # on-demand, and spot for elastic runs
+    assert [t["node_config"].get("InstanceMarketOptions") for t in gpu] == [None, {"MarketType": "spot"}]
     assert len(data) == 1 and data[0]["min_workers"] == 0 and data[0]["max_workers"] >= 1
     assert "GPU" not in data[0]["resources"]
     assert 0 < config["idle_timeout_minutes"]
@@ -65,7 +66,7 @@ def container_resources(group: dict) -> dict:
     return container["resources"]["limits"]
 
 
-def check_cluster_spec(spec: dict) -> None:
+def check_cluster_spec(spec: dict, gpu_groups: int = 1) -> None:
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     assert spec["authOptions"] == {"mode": "token", "secretName": "vit-ray-auth"}
@@ -73,7 +74,7 @@ def check_cluster_spec(spec: dict) -> None:
     groups = worker_groups(spec)
     gpu = [g for g in groups.values() if "nvidia.com/gpu" in container_resources(g)]
     data = [g for g in groups.values() if "data_node" in g["rayStartParams"].get("resources", "")]
-    assert len(gpu) == 1 and len(data) == 1 and gpu != data
+    assert len(gpu) == gpu_groups and len(data) == 1 and gpu != data
     for group in gpu + data:
         assert group["minReplicas"] == 0 < group["maxReplicas"]
     assert "nvidia.com/gpu" not in container_resources(data[0])
@@ -85,7 +86,9 @@ def check_cluster_spec(spec: dict) -> None:
 def test_kuberay_raycluster_autoscales_gpu_and_data_groups_with_token_auth():
     manifest = load("kuberay/raycluster.yaml")
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster"
-    check_cluster_spec(manifest["spec"])
+    check_cluster_spec(manifest["spec"], gpu_groups=2)  # on-demand, and spot for elastic runs
+    spot = worker_groups(manifest["spec"])["gpu-trainer-spot"]["template"]["spec"]["nodeSelector"]
+    assert spot == {"karpenter.sh/capacity-type": "spot"}
 
 
 def test_kuberay_rayjob_runs_pretrain_with_an_existing_config():

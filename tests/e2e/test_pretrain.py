@@ -1,7 +1,8 @@
 """Pretraining end to end: DeepSpeed ZeRO on 2 CPU workers under Ray Train, checkpoints, a worker killed mid-run
-(Ray Train's restart from the latest checkpoint), and the errors a user meets before Ray starts. Resuming with
-`train.resume_from` at shard granularity is checked exactly, through the same loop, in one process
-(tests/train/test_local_training.py)."""
+(Ray Train's restart from the latest checkpoint, one value per step in MLflow), and the errors a user meets before
+Ray starts. Resuming with `train.resume_from` sample by sample is checked exactly, through the same loop, in one
+process (tests/train/test_local_training.py); elastic resizes and drains on a fake multi-node cluster
+(tests/cluster/test_elastic.py)."""
 
 import json
 import os

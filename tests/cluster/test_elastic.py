@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 AUTOSCALING_YAML = Path(__file__).resolve().parents[2] / "cluster" / "local-autoscaling.yaml"
 BIN = Path(sys.executable).parent
-STEPS, CHECKPOINT_EVERY, GLOBAL_BATCH = 300, 5, 16
+STEPS, CHECKPOINT_EVERY, GLOBAL_BATCH = 150, 5, 16
 DRAIN_DEADLINE_S = 15
 
 
@@ -108,7 +108,7 @@ def elastic_job(tmp_path_factory, local_cluster, digits_shards, tiny_overrides):
             grown_at, _ = wait_line(job, r"world size 2 \(was 1\)", after=shrunk_at, timeout_s=300)
             # 3. a drain with a deadline, as a spot reclaim gives, after a checkpoint at the new size
             wait_line(job, r"checkpoint step (\d+):", after=grown_at, timeout_s=120)
-            drained_at = time.monotonic() - job.started
+            drained_at, notice_ms = time.monotonic() - job.started, time.time_ns() // 1_000_000
             subprocess.run([str(BIN / "ray"), "drain-node", "--address", f"127.0.0.1:{head.gcs_port}",
                             "--node-id", trainer_nodes(head)[-1], "--reason", "DRAIN_NODE_REASON_PREEMPTION",
                             "--reason-message", "spot reclaim", "--deadline-remaining-seconds", str(DRAIN_DEADLINE_S)],
@@ -116,11 +116,8 @@ def elastic_job(tmp_path_factory, local_cluster, digits_shards, tiny_overrides):
             _, notice = wait_line(job, r"being drained \(deadline in \d+ s\): checkpoint at step (\d+) now",
                                   after=drained_at, timeout_s=60)
             saved_at, _ = wait_line(job, rf"checkpoint step {notice[1]}:", after=drained_at, timeout_s=60)
-            shrunk_again_at, _ = wait_line(job, r"world size 1 \(was 2\)", after=saved_at, timeout_s=300)
-            trains_at, _ = wait_line(job, rf"step {int(notice[1]) + 1}/{STEPS} ", after=shrunk_again_at,
-                                     timeout_s=120)
-            events["drain"] = {"step": int(notice[1]), "notice_s": drained_at, "saved_s": saved_at,
-                               "training_again_s": trains_at}
+            wait_line(job, r"world size 1 \(was 2\)", after=saved_at, timeout_s=300)
+            events["drain"] = {"step": int(notice[1]), "notice_ms": notice_ms, "saved_s": saved_at - drained_at}
             rc = job.finish(timeout_s=600)
         finally:
             job.kill()
@@ -174,10 +171,14 @@ def test_the_run_finishes_through_a_drain_a_scale_up_and_a_lost_node(elastic_job
     # drain: the checkpoint at the notice, and no step past it, so that nothing is trained twice
     drain = events["drain"]
     assert (live[2], starts[3]) == (drain["step"], drain["step"])
-    print(f"\ndrain notice -> checkpoint saved {drain['saved_s'] - drain['notice_s']:.1f} s, -> training again at "
-          f"world size 1 {drain['training_again_s'] - drain['notice_s']:.1f} s (deadline {DRAIN_DEADLINE_S} s); "
-          f"steps redone after the drain: {live[2] - starts[3]}, after the lost node: {live[0] - starts[1]}; "
-          f"attempts {shape}")
+    # Ray's step lines are merged across the fake nodes' log monitors ("[repeated 60x across cluster]"): the
+    # attempt's first step is read from its run instead
+    again_ms = min(m.timestamp for m in client.get_metric_history(attempts[3].info.run_id, "train/loss"))
+    print(f"\ndrain notice -> checkpoint saved {drain['saved_s']:.1f} s, -> training again at world size 1 "
+          f"{(again_ms - drain['notice_ms']) / 1000:.1f} s (deadline {DRAIN_DEADLINE_S} s); steps redone after the "
+          f"drain: {live[2] - starts[3]}, after the lost node: {live[0] - starts[1]} (checkpoint every "
+          f"{CHECKPOINT_EVERY}); attempts {shape}")
+    assert again_ms - drain["notice_ms"] < 180_000
 
 
 def test_every_sample_of_an_epoch_is_trained_on_once_across_the_restarts(elastic_job, digits_shards):

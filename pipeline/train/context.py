@@ -3,7 +3,7 @@
 The loop (loop.py) talks to a `TrainContext` and to nothing of Ray:
 
     rank, local_rank, world_size
-    report(metrics, checkpoint_dir)       a barrier: every rank calls it equally often; where it stored it
+    report(metrics, checkpoint_dir)       a barrier: every rank calls it equally often; where it was committed
     latest_checkpoint()                   the checkpoint to restart from (a context manager), or None
     start_ledgers(count, ...)             bad-sample ledgers, one per dataset (a collective)
     image_stream(shards, cfg, ...)        this rank's stream of decoded rows of a ShardSet (a collective)

@@ -100,12 +100,18 @@ class RayTrainContext:
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> str | None:
         """A barrier: every rank calls it equally often, each with its own checkpoint files (ZeRO shards).
-        Returns where Ray stored the checkpoint (a path on the storage's filesystem), None when it stored none."""
+        Returns, on rank 0, where Ray committed the checkpoint (a path on the storage's filesystem): the one a
+        restart resumes from. None when it committed none, which happens when a rank is lost while its
+        report is in flight; other ranks get None."""
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        before = ray.train.get_checkpoint()
         ray.train.report(metrics, checkpoint=checkpoint)
-        stored = ray.train.get_checkpoint()  # a report Ray skipped (a worker lost meanwhile) leaves it as it was
-        return stored.path if checkpoint is not None and stored is not None and stored is not before else None
+        if checkpoint is None or self.rank != 0:
+            return None
+        # blocks until Ray Train has processed every report in flight, this one included
+        committed = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        latest = committed[-1] if committed else None
+        return latest.checkpoint.path if latest and latest.metrics.get("step") == metrics.get("step") else None
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:

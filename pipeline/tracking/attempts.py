@@ -6,7 +6,7 @@ step as it happened would hold two values for each redone step, and its curves w
 logs each step's metrics twice:
 - live, at once, into a run of this attempt, a child of the job's run (`mlflow.parentRunId`), named
   "<run> attempt N" and tagged with its world size and first step. It shows progress within
-  `train.log_every_n_steps`; a failed attempt's run keeps what it trained, and ends KILLED.
+  `train.log_every_n_steps`; a lost attempt's run keeps what it trained, and ends FAILED or KILLED.
 - into the job's run when the checkpoint that holds those steps is committed (`commit(step)`), with the
   timestamps they were logged at. A restart resumes from a committed checkpoint, so the job's run never
   receives a step twice. The last step is always a checkpoint, so a finished run holds every step.

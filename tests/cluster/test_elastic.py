@@ -163,7 +163,10 @@ def test_the_run_finishes_through_a_drain_a_scale_up_and_a_lost_node(elastic_job
     # each attempt: its own run under the job's run, with its world size and first step
     attempts = attempts_of(uri, run.info.run_id)
     shape = [(a.data.tags["pipeline.world_size"], a.info.status) for a in attempts]
-    assert shape == [("2", "KILLED"), ("1", "KILLED"), ("2", "KILLED"), ("1", "FINISHED")], shape
+    # the lost attempt ends FAILED when its rank 0 saw the error of the lost rank, KILLED when Ray Train stopped
+    # it first; the resized and the drained ones are stopped by Ray Train
+    assert shape[0] in (("2", "FAILED"), ("2", "KILLED")), shape
+    assert shape[1:] == [("1", "KILLED"), ("2", "KILLED"), ("1", "FINISHED")], shape
     live = [max(m.step for m in client.get_metric_history(a.info.run_id, "train/loss")) for a in attempts]
     starts = [int(a.data.tags["pipeline.start_step"]) for a in attempts]
     # the lost node: at most the steps since the last checkpoint are trained again

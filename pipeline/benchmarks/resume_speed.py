@@ -2,8 +2,8 @@
 
     python jobs/benchmark.py resume                       # 10,000 shards x 1,250 samples, mid-epoch
 
-A real DeepSpeed engine (the demo's model, ZeRO-2, one rank in a gloo group of one, as `LocalContext` runs it)
-saves a checkpoint mid-epoch, --rounds times each, alternating:
+A real DeepSpeed engine (--preset at --img-size, ViT-S/16 at 224 px by default; ZeRO-2, one rank in a gloo group of
+one, as `LocalContext` runs it) saves a checkpoint mid-epoch, --rounds times each, alternating:
   (shards)   the data position checkpoints held before: the list of shards done (half of them);
   (samples)  the sample-exact record: the rank's bitmap over all samples of the epoch packed and OR-ed across
              ranks (an all-reduce, here of one rank), the record built from it (shards done, and a bitmap for
@@ -29,25 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1250, help="samples in each shard")
     parser.add_argument("--partial", type=int, default=64, help="shards in flight (partly read) at the checkpoint")
     parser.add_argument("--rounds", type=int, default=5, help="timed saves of each kind; the table shows medians")
-    parser.add_argument("--config", default="jobs/configs/digits_pretrain.yaml", help="the job whose model is saved")
+    parser.add_argument("--preset", default="vit_small_patch16_224", help="the model saved")
+    parser.add_argument("--img-size", type=int, default=224)
 
 
 def run(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.config import load_job_config
+    from pipeline.benchmarks.train_harness import bench_job, bench_model_args
     from pipeline.data.bad_samples import BadSampleReport
     from pipeline.data.epochs import SampleTally, plan_epoch
     from pipeline.data.shard_set import ShardSet
     from pipeline.train.checkpoint import LoopState, save_checkpoint_collective
     from pipeline.train.context import LocalContext
     from pipeline.train.loop import build_engine
-    from pipeline.train.resolved_job import resolve_job
 
     LocalContext(tempfile.mkdtemp(prefix="bench-resume-"))  # the gloo group of one that DeepSpeed joins
-    run_, _ = resolve_job(load_job_config(args.config, ["train.num_workers=1", "train.zero_stage=2"]), "pretrain")
-    engine, _ = build_engine(run_.job, run_.model_args, 1, torch.device("cpu"))
+    job = bench_job(preset=args.preset, img_size=args.img_size, batch_size_per_worker=8, num_workers=1, zero_stage=2,
+                    device="cpu", steps=10)
+    model_args = bench_model_args(args.preset, args.img_size, num_classes=1000)
+    engine, _ = build_engine(job, model_args, 1, torch.device("cpu"))
     uris = [f"s3://bucket/imagenet/train-{i:06d}.tar" for i in range(args.num_shards)]
     shards = ShardSet(spec="s3://bucket/imagenet/train-{000000..}.tar", uris=uris,
                       counts=[args.samples_per_shard] * args.num_shards, classes=[str(i) for i in range(1000)])
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
 
     def save(state: LoopState) -> None:
         with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as directory:
-            save_checkpoint_collective(engine, directory, rank=0, state=state, model_config=run_.record())
+            save_checkpoint_collective(engine, directory, rank=0, state=state, model_config={"model_args": model_args})
 
     def shards_only() -> float:
         start = time.perf_counter()
@@ -88,12 +90,12 @@ def run(args: argparse.Namespace) -> None:
     old, new = statistics.median(times["shards"]), statistics.median(times["samples"])
     params = sum(p.numel() for p in engine.module.parameters())
     print(f"\n`python jobs/benchmark.py resume --num-shards {args.num_shards} --samples-per-shard "
-          f"{args.samples_per_shard} --partial {args.partial} --rounds {args.rounds}` on {platform.node()} "
-          f"({platform.processor() or platform.machine()}), {date.today().isoformat()}; model {params / 1e6:.1f} M "
-          f"params, ZeRO-2, 1 rank\n")
+          f"{args.samples_per_shard} --partial {args.partial} --rounds {args.rounds} --preset {args.preset} "
+          f"--img-size {args.img_size}` on {platform.node()} ({platform.processor() or platform.machine()}), "
+          f"{date.today().isoformat()}; model {params / 1e6:.2f} M params, ZeRO-2, 1 rank\n")
     print("| checkpoint | data position saved | save time (median) |")
     print("|---|---|---|")
     print(f"| (shards) before | {half:,} shards done | {old * 1000:.0f} ms |")
     print(f"| (samples) sample-exact | {len(record.done):,} shards done + {len(record.partial)} bitmaps of "
-          f"{n + 1} bits, from a {len(tally.bits) / 8 / 2**20:.1f} MiB OR-ed bitmap | {new * 1000:.0f} ms |")
+          f"{n + 1} bits, from a {len(tally.bytes) / 2**20:.1f} MiB OR-ed bitmap | {new * 1000:.0f} ms |")
     print(f"| ratio | | {new / old:.3f} |")

@@ -105,20 +105,24 @@ def plan_epoch(shards: ShardSet, epoch: int, before: EpochRecord | None, *, seed
                      before)
 
 
+POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.int64)
+
+
 class SampleTally:
-    """The samples of one pass accounted for on this rank: one bit per sample and marker row of each shard."""
+    """The samples of one pass accounted for on this rank: one bit per sample and marker row of each shard, each
+    shard's bits starting on a byte, packed (numpy's bit order), so that a record OR-s 1.6 MB for 12.5 M samples."""
 
     def __init__(self, plan: EpochPlan):
         self.plan = plan
-        sizes = np.asarray(plan.counts, dtype=np.int64) + 1
-        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self.sizes = sizes
-        self.bits = np.zeros(int(sizes.sum()), dtype=bool)
+        self.sizes = np.asarray(plan.counts, dtype=np.int64) + 1  # bits per shard
+        nbytes = (self.sizes + 7) // 8
+        self.starts = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)  # first byte of each shard
+        self.bytes = np.zeros(int(nbytes.sum()), dtype=np.uint8)
         for i, uri in enumerate(plan.shards):
             if uri in plan.before.partial:
-                known = plan.before.partial[uri][:sizes[i]]
-                self.bits[self.starts[i]:self.starts[i] + len(known)] = known
-        self.preset = int(self.bits.sum())  # accounted for before this pass
+                known = np.packbits(plan.before.partial[uri][:self.sizes[i]])
+                self.bytes[self.starts[i]:self.starts[i] + len(known)] = known
+        self.preset = int(POPCOUNT[self.bytes].sum())  # accounted for before this pass
         self.accounted = self.preset  # all ranks together, as of the last record
 
     def add(self, shard_ids: np.ndarray, indices: np.ndarray) -> None:
@@ -127,22 +131,26 @@ class SampleTally:
         shard_ids = np.asarray(shard_ids, dtype=np.int64)
         indices = np.asarray(indices, dtype=np.int64)
         fits = indices < self.sizes[shard_ids]
-        self.bits[self.starts[shard_ids[fits]] + indices[fits]] = True
+        shard_ids, indices = shard_ids[fits], indices[fits]
+        np.bitwise_or.at(self.bytes, self.starts[shard_ids] + indices // 8,
+                         (128 >> (indices % 8)).astype(np.uint8))
 
     def packed(self) -> np.ndarray:
-        return np.packbits(self.bits)
+        """This rank's bitmap, a copy (an all-reduce writes into it)."""
+        return self.bytes.copy()
 
     def record(self, packed_all_ranks: np.ndarray) -> EpochRecord:
         """The epoch's record, given the bitmaps of all ranks OR-ed together (`packed()` of each)."""
-        bits = np.unpackbits(packed_all_ranks)[:len(self.bits)].astype(bool)
-        self.accounted = int(bits.sum())
+        ones = POPCOUNT[packed_all_ranks]
+        self.accounted = int(ones.sum())
         counts = self.sizes - 1
-        markers = bits[self.starts + counts]
-        accounted = np.add.reduceat(bits, self.starts, dtype=np.int64) - markers if len(bits) else np.zeros(0, np.int64)
+        marker_bytes = packed_all_ranks[self.starts + counts // 8]
+        markers = (marker_bytes >> (7 - counts % 8)) & 1
+        per_shard = np.add.reduceat(ones, self.starts) - markers if len(ones) else np.zeros(0, np.int64)
         done, partial = list(self.plan.before.done), {}
-        for i, uri in enumerate(self.plan.shards):
-            if accounted[i] >= counts[i]:
-                done.append(uri)
-            elif accounted[i] or markers[i]:
-                partial[uri] = bits[self.starts[i]:self.starts[i] + self.sizes[i]].copy()
+        for i in np.flatnonzero(per_shard >= counts):
+            done.append(self.plan.shards[i])
+        for i in np.flatnonzero((per_shard < counts) & ((per_shard > 0) | (markers > 0))):
+            shard_bytes = packed_all_ranks[self.starts[i]:self.starts[i] + (self.sizes[i] + 7) // 8]
+            partial[self.plan.shards[i]] = np.unpackbits(shard_bytes)[:self.sizes[i]].astype(bool)
         return EpochRecord(self.plan.epoch, done, partial)

@@ -40,6 +40,7 @@ class TrainContext(Protocol):
     rank: int
     local_rank: int
     world_size: int
+    cpu_group: object  # the process group for collectives of CPU tensors (gloo); None: the default group
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> str | None: ...
 
@@ -67,6 +68,7 @@ class LocalContext:
     rank = 0
     local_rank = 0
     world_size = 1
+    cpu_group = None
 
     def __init__(self, storage_dir: str | Path, resume_from: str | Path | None = None):
         self.storage_dir = Path(storage_dir)

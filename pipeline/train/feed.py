@@ -98,7 +98,7 @@ class TrainFeed:
             self.tally.add(shard_ids, positions)
         packed = torch.from_numpy(self.tally.packed())
         if self.ctx.world_size > 1:
-            dist.all_reduce(packed, op=dist.ReduceOp.BOR)
+            dist.all_reduce(packed, op=dist.ReduceOp.BOR, group=self.ctx.cpu_group)
         record = self.tally.record(packed.numpy())
         if self.ctx.rank == 0:
             # rows read ahead of training are read again after a resume: they count as seen once they are
@@ -107,7 +107,7 @@ class TrainFeed:
             totals.seen += self.tally.accounted - self.tally.preset - snapshot.pass_seen
         if self.ctx.world_size > 1:
             holder = [totals]
-            dist.broadcast_object_list(holder, src=0)
+            dist.broadcast_object_list(holder, src=0, group=self.ctx.cpu_group)
             totals = holder[0]
         return record, totals
 

@@ -137,13 +137,13 @@ class Progress:
         self.window_data_wait_s += data_wait_s
         self.losses.append(loss)
 
-    def flush_collective(self, step: int, lr: float, world_size: int) -> tuple[dict[str, float], str]:
+    def flush_collective(self, step: int, lr: float, world_size: int, group=None) -> tuple[dict[str, float], str]:
         """The window's metrics (loss averaged over ranks: a collective) and its step line; a new window."""
         now = time.perf_counter()
         elapsed_s = max(now - self.window_start, 1e-9)
         loss = torch.stack(self.losses).float().mean().cpu()
         if world_size > 1:
-            dist.all_reduce(loss)
+            dist.all_reduce(loss, group=group)  # `group`: the context's for CPU tensors
             loss /= world_size
         steps = max(self.window_steps, 1)
         metrics = {
@@ -224,7 +224,7 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                                  start_step=state.step)
     progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size)
     batches = feed.epochs(state.epoch_record())
-    sample_log = open_sample_log_collective(rank, world_size)
+    sample_log = open_sample_log_collective(rank, world_size, ctx.cpu_group)
     last_val: dict[str, float] = {}
     stop_step = train_cfg.stop_after_steps or train_cfg.steps
     outcome = "FAILED"
@@ -251,7 +251,7 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
             metrics: dict[str, float] = {}
             line = ""
             if due(state.step, train_cfg.log_every_n_steps, stop_step) or state.step == resumed_from + 1:
-                window, line = progress.flush_collective(state.step, lr, world_size)
+                window, line = progress.flush_collective(state.step, lr, world_size, ctx.cpu_group)
                 metrics.update(window)
                 metrics.update(feed.metrics())
                 metrics.update({"train/epoch": epoch, "train/world_size": world_size})
@@ -301,7 +301,7 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
 SAMPLE_LOG_ENV = "VIT_PIPELINE_SAMPLE_LOG"
 
 
-def open_sample_log_collective(rank: int, world_size: int):
+def open_sample_log_collective(rank: int, world_size: int, group=None):
     """With VIT_PIPELINE_SAMPLE_LOG=<folder> (on every worker): a file there per rank and attempt,
     `attempt-<start ns>-rank<r>of<w>.jsonl` (rank 0's start time, so later attempts sort later), with one JSON
     line per step holding the (shard, position) of every sample the rank trained on: to audit what a run saw
@@ -312,7 +312,7 @@ def open_sample_log_collective(rank: int, world_size: int):
         return None
     started = [time.time_ns()]
     if world_size > 1:
-        dist.broadcast_object_list(started, src=0)
+        dist.broadcast_object_list(started, src=0, group=group)
     os.makedirs(folder, exist_ok=True)
     return open(os.path.join(folder, f"attempt-{started[0]}-rank{rank}of{world_size}.jsonl"), "a", buffering=1)
 

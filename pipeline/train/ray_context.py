@@ -69,10 +69,10 @@ class RayTrainContext:
         self.rank = context.get_world_rank()
         self.local_rank = context.get_local_rank()
         self.world_size = context.get_world_size()
-        # the per-step preemption check agrees through gloo on CPU tensors, so that it never syncs a GPU stream
-        self._control = None
-        if self.world_size > 1:
-            self._control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        # collectives of CPU tensors (the per-step preemption check, the data position, window losses) go
+        # through gloo: NCCL takes no CPU tensor, and a CPU tensor never syncs a GPU stream
+        self.cpu_group = dist.new_group(backend="gloo") if self.world_size > 1 and dist.get_backend() != "gloo" \
+            else None
 
     def preemption_deadline_collective(self) -> int | None:
         """None, or the reclaim deadline (UNIX ms; 0 when Ray was given none) of a node of this worker group that
@@ -83,7 +83,7 @@ class RayTrainContext:
         notice = preemption_notice()
         deadline = torch.tensor([-1 if notice is None else (notice.deadline_ms or 0)], dtype=torch.int64)
         if self.world_size > 1:
-            dist.all_reduce(deadline, op=dist.ReduceOp.MAX, group=self._control)
+            dist.all_reduce(deadline, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return None if deadline.item() < 0 else int(deadline.item())
 
     def wait_for_restart(self, deadline_ms: int) -> None:

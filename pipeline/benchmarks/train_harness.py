@@ -59,7 +59,7 @@ class EngineLoop:
     def __init__(self, job: JobConfig, model_args: dict, world_size: int, device: torch.device, seed: int):
         from pipeline.train.loop import build_engine
 
-        self.job, self.device = job, device
+        self.job, self.device, self.world_size = job, device, world_size
         self.engine, self.dtype = build_engine(job, model_args, world_size, device)
         self.images, self.targets = make_batch(job.train.global_batch_size // world_size, job.data.img_size,
                                                model_args["num_classes"], seed, device, self.dtype)
@@ -69,7 +69,7 @@ class EngineLoop:
 
         train = self.job.train
         return train_step(self.engine, self.images, self.targets, micro_batch=train.micro_batch_size_per_worker(),
-                          accum=train.grad_accum_steps(), label_smoothing=self.job.optim.label_smoothing)
+                          accum=train.grad_accum_steps(self.world_size), label_smoothing=self.job.optim.label_smoothing)
 
 
 def run_steps(loop, steps: int) -> tuple[list[float], list[float]]:

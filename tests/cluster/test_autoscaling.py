@@ -55,7 +55,8 @@ def test_pretrain_scales_the_cluster_up_decodes_on_data_nodes_and_scales_down(au
     # test_submit.py covers `--working-dir .`
     job = head.submit("python", "jobs/pretrain.py", "--config", "jobs/configs/digits_pretrain.yaml",
                       *tiny_overrides(digits_shards, tmp_path, "train.steps=6", "train.num_workers=2",
-                                      "train.cpus_per_worker=1", "data.decode_resources={data_node: 1}",
+                                      "train.cpus_per_worker=1", "train.worker_resources={trainer_node: 1}",
+                                      "data.decode_resources={data_node: 1}",
                                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"))
     try:
         rc = job.finish(timeout_s=480)

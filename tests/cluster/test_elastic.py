@@ -103,7 +103,8 @@ def elastic_job(tmp_path_factory, local_cluster, digits_shards, tiny_overrides):
             killed_at = time.monotonic() - job.started
             events["lost"] = {"after_checkpoint": int(before[1]), "killed_s": killed_at}
             shrunk_at, _ = wait_line(job, r"world size 1 \(was 2\)", after=killed_at, timeout_s=300)
-            # 2. the autoscaler brings a trainer node back: the group grows again
+            # 2. once the smaller group has checkpointed, the autoscaler brings a trainer node back: the group grows
+            wait_line(job, r"checkpoint step (\d+):", after=shrunk_at, timeout_s=120)
             forget_dead_node(head, lost)
             grown_at, _ = wait_line(job, r"world size 2 \(was 1\)", after=shrunk_at, timeout_s=300)
             # 3. a drain with a deadline, as a spot reclaim gives, after a checkpoint at the new size

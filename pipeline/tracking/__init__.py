@@ -6,6 +6,8 @@
 - start_job_run, log_run_artifacts, finish_run (runs): the driver's side of a run, with lineage tags.
 - child_run_ids (runs): the runs made from a run, through their pipeline.parent_run_id tag.
 - MetricLogger (metrics): rank 0's step metrics, batched off the training thread, kept through outages.
+- AttemptMetrics (attempts): live metrics in a child run per attempt of the worker group, and each step once in
+  the job's run, when its checkpoint is committed; JOB_RUNS (runs) filters the attempts out of a search.
 - metric_histories, plot_curves (plots): curves of several runs, one subplot per metric.
 """
 

@@ -195,6 +195,18 @@ class MetricLogger:
             return len(self._queue)
 
     @property
+    def accepted(self) -> int:
+        """Records queued so far: the mark `settled` reaches once MLflow has them (records leave in order)."""
+        with self._lock:
+            return self._accepted
+
+    @property
+    def settled(self) -> int:
+        """Records that left the queue so far: accepted by MLflow, or rejected by it as invalid."""
+        with self._lock:
+            return self._settled
+
+    @property
     def dropped(self) -> int:
         """Records refused because the queue was full."""
         with self._lock:

@@ -46,6 +46,7 @@ class LoopState:
     images_seen: int = 0  # training images consumed, all ranks
     world_size: int = 0  # of the attempt that saved it
     bad_samples: dict = field(default_factory=dict)  # the train ledger's totals (BadSampleReport) at the record
+    job_run_metrics: dict = field(default_factory=dict)  # rank 0's, not yet known stored (tracking/attempts.py)
 
     def epoch_record(self) -> EpochRecord:
         return EpochRecord.from_json(asdict(self))

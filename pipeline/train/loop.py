@@ -221,7 +221,7 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
         from pipeline.tracking.attempts import AttemptMetrics
 
         tracked = AttemptMetrics(run.tracking_uri, run.mlflow_run_id, run_name=run.run_name, world_size=world_size,
-                                 start_step=state.step)
+                                 start_step=state.step, carried=state.job_run_metrics)
     progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size)
     batches = feed.epochs(state.epoch_record())
     sample_log = open_sample_log_collective(rank, world_size, ctx.cpu_group)
@@ -276,9 +276,13 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                 report = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
                           **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
                           **{f"last_{k}": v for k, v in last_val.items()}}
+                if tracked is not None:
+                    state.job_run_metrics = tracked.carried()
                 if checkpoint_collective(run, ctx, engine, feed, state, ema, report) and tracked is not None:
                     tracked.commit(state.step)
                 if drain_deadline is not None and state.step < stop_step:
+                    if tracked is not None:  # the metrics sent while this group waits to be ended
+                        tracked.flush(10.0)
                     if rank == 0:
                         log.info("checkpoint for the drain saved; training resumes from it once Ray Train restarts "
                                  "the worker group without the drained node")

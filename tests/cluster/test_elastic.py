@@ -142,6 +142,15 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+def sample_logs(workdir: Path) -> dict[int, list[dict]]:
+    """VIT_PIPELINE_SAMPLE_LOG's lines, all ranks, per attempt (rank 0's start time: later attempts sort later).
+    A step's line is written before it is trained, so a lost attempt's last line may be a step it did not end."""
+    logs = collections.defaultdict(list)
+    for path in sorted((workdir / "samples").glob("attempt-*.jsonl")):
+        logs[int(path.name.split("-")[1])] += [json.loads(line) for line in path.read_text().splitlines()]
+    return dict(sorted(logs.items()))
+
+
 def test_the_run_finishes_through_a_drain_a_scale_up_and_a_lost_node(elastic_job):
     from mlflow import MlflowClient
 
@@ -168,19 +177,25 @@ def test_the_run_finishes_through_a_drain_a_scale_up_and_a_lost_node(elastic_job
     # it first; the resized and the drained ones are stopped by Ray Train
     assert shape[0] in (("2", "FAILED"), ("2", "KILLED")), shape
     assert shape[1:] == [("1", "KILLED"), ("2", "KILLED"), ("1", "FINISHED")], shape
-    live = [max(m.step for m in client.get_metric_history(a.info.run_id, "train/loss")) for a in attempts]
     starts = [int(a.data.tags["pipeline.start_step"]) for a in attempts]
+    # the last step each attempt began, from the sample log: an attempt's run may lack the steps it trained in
+    # the last seconds before its node went (its metrics reach the job's run from the checkpoint)
+    began = [max(line["step"] for line in lines) for lines in sample_logs(elastic_job["workdir"]).values()]
+    assert [min(line["step"] for line in lines) for lines in sample_logs(elastic_job["workdir"]).values()] == \
+        [start + 1 for start in starts]
     # the lost node: at most the steps since the last checkpoint are trained again
-    assert 0 <= live[0] - starts[1] <= CHECKPOINT_EVERY and starts[1] >= events["lost"]["after_checkpoint"]
-    # drain: the checkpoint at the notice, and no step past it, so that nothing is trained twice
+    assert 0 <= began[0] - starts[1] <= CHECKPOINT_EVERY and starts[1] >= events["lost"]["after_checkpoint"]
+    # drain: the checkpoint at the notice, and no step past it, so that nothing is trained twice; the drained
+    # attempt's run received all it trained, as it sent its metrics while it waited for the deadline
     drain = events["drain"]
-    assert (live[2], starts[3]) == (drain["step"], drain["step"])
+    assert (began[2], starts[3]) == (drain["step"], drain["step"])
+    assert max(m.step for m in client.get_metric_history(attempts[2].info.run_id, "train/loss")) == drain["step"]
     # Ray's step lines are merged across the fake nodes' log monitors ("[repeated 60x across cluster]"): the
     # attempt's first step is read from its run instead
     again_ms = min(m.timestamp for m in client.get_metric_history(attempts[3].info.run_id, "train/loss"))
     print(f"\ndrain notice -> checkpoint saved {drain['saved_s']:.1f} s, -> training again at world size 1 "
           f"{(again_ms - drain['notice_ms']) / 1000:.1f} s (deadline {DRAIN_DEADLINE_S} s); steps redone after the "
-          f"drain: {live[2] - starts[3]}, after the lost node: {live[0] - starts[1]} (checkpoint every "
+          f"drain: {began[2] - starts[3]}, after the lost node: {began[0] - starts[1]} (checkpoint every "
           f"{CHECKPOINT_EVERY}); attempts {shape}")
     assert again_ms - drain["notice_ms"] < 180_000
 
@@ -189,9 +204,7 @@ def test_every_sample_of_an_epoch_is_trained_on_once_across_the_restarts(elastic
     from pipeline.data.shard_set import read_shard_set
 
     assert elastic_job["rc"] == 0
-    logs = collections.defaultdict(list)  # attempt (rank 0's start time) -> its lines, all ranks
-    for path in sorted((elastic_job["workdir"] / "samples").glob("attempt-*.jsonl")):
-        logs[int(path.name.split("-")[1])] += [json.loads(line) for line in path.read_text().splitlines()]
+    logs = sample_logs(elastic_job["workdir"])
     assert len(logs) == 4
     went_on = {}  # step -> (epoch, samples of all ranks) of the last attempt that trained it
     for attempt in sorted(logs):

@@ -6,8 +6,11 @@ STAMP := $(VENV)/.installed
 # The tests make shards with the real img2dataset, whose pins (webdataset<0.3) clash with ours: its own venv.
 IMG2DATASET_VENV := .venv-img2dataset
 IMG2DATASET_STAMP := $(IMG2DATASET_VENV)/.installed
+# The tests read MLflow's web UI as a browser renders it: Debian's headless Chromium (86 MB, about 10 s)
+BROWSER := chromium-headless-shell
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean browser
 
 install: $(STAMP)
 
@@ -29,7 +32,11 @@ demo: $(STAMP)
 	$(BIN)/python jobs/compare.py --last 2 --out runs/demo-compare.png
 	@echo "enter the environment for the README's other commands: source $(BIN)/activate"
 
-test: $(STAMP) $(IMG2DATASET_STAMP)
+browser:
+	@command -v $(BROWSER) >/dev/null || $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER) || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER); }
+
+test: $(STAMP) $(IMG2DATASET_STAMP) browser
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)

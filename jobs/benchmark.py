@@ -5,6 +5,7 @@
     python jobs/benchmark.py storage      # S3 endpoint against local disk (a moto server on 127.0.0.1 by default)
     python jobs/benchmark.py index
     python jobs/benchmark.py resume       # checkpoint save time with the sample-exact data position
+    python jobs/benchmark.py tracking     # MLflow requests of a training run, by thread
 
 Each suite prints a markdown table with the command, machine and date; copy it into docs/benchmarks.md.
 `python jobs/benchmark.py SUITE --help` lists a suite's options.
@@ -22,6 +23,7 @@ SUITES = {
     "storage": ("storage_speed", "images/s from shards on an S3 endpoint against the same shards on local disk"),
     "index": ("index_speed", "indexing 2,000 shards on an S3 endpoint, with and without img2dataset's stats"),
     "resume": ("resume_speed", "checkpoint save time with the sample-exact data position, 10,000 shards x 1,250"),
+    "tracking": ("tracking_calls", "MLflow requests of a training run by thread: none per step on the training one"),
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
 from pipeline.train.context import JobFailed
-from pipeline.train.launch import end_job, parse_job_args, run_job, start_ray
+from pipeline.train.launch import end_job, parse_job_args, print_outcome, run_job, start_ray
 from pipeline.train.resolved_job import resolve_job
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_finetune.yaml"
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     print(f"final val top-1: {result.metrics.get('last_val/top1', float('nan')):.4f}"
           + (f" (EMA {result.metrics['last_val_ema/top1']:.4f})" if "last_val_ema/top1" in result.metrics else "")
           + f" after {result.metrics.get('step')} steps in {result.wall_time_s / 60:.1f} min")
-    print(f"checkpoint:      {result.checkpoint_path}")
+    print_outcome(result)
     return 0
 
 

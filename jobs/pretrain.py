@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
 from pipeline.train.context import JobFailed
-from pipeline.train.launch import end_job, parse_job_args, run_job, start_ray
+from pipeline.train.launch import end_job, parse_job_args, print_outcome, run_job, start_ray
 from pipeline.train.resolved_job import resolve_job
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_pretrain.yaml"
@@ -44,10 +44,7 @@ def main(argv=None) -> int:
     print(f"\nMLflow run:      {result.run_id}  (experiment {run.job.tracking.experiment!r})")
     print(f"final val top-1: {result.metrics.get('last_val/top1', float('nan')):.4f} after "
           f"{result.metrics.get('step')} steps in {result.wall_time_s / 60:.1f} min")
-    print(f"checkpoint:      {result.checkpoint_path}")
-    viewer = result.tracking_uri if result.tracking_uri.startswith("http") else \
-        f"mlflow ui --backend-store-uri {result.tracking_uri}"
-    print(f"look at it:      {viewer}")
+    print_outcome(result)
     return 0
 
 

@@ -245,10 +245,14 @@ class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; "" uses $MLFLOW_TRACKING_URI or the local sqlite store
     experiment: str = "vit-pipeline"  # MLflow experiment name
     run_name: str = ""  # MLflow run name; "" uses the train run name
-    log_weights: bool = True  # log the consolidated weights as an artifact (else a tag points at them)
+    log_weights: bool = True  # the final model's consolidated weights as its artifacts (else a tag points at them)
+    register_as: str = ""  # register the checkpoint with the best val/top1 under this name at the end of a run
 
     def validate(self) -> TrackingConfig:
-        _raise_first("tracking", [(bool(self.experiment), "experiment must not be empty")])
+        _raise_first("tracking", [(bool(self.experiment), "experiment must not be empty"),
+                                  (not self.register_as or bool(re.fullmatch(r"[\w.\- ]+", self.register_as)),
+                                   f"register_as {self.register_as!r}: a registered model name has letters, digits, "
+                                   "'_', '-', '.' and spaces only")])
         return self
 
 

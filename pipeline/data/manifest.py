@@ -11,6 +11,7 @@ stopped before it starts (`ShardSet.label_problem`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -75,6 +76,20 @@ class Manifest:
             raise ValueError(f"{len(missing)} shard(s) are not in the {self.split!r} manifest, e.g. {missing[0]}; "
                              "rewrite the manifest with `jobs/make_shards.py --source shards:PATTERN`")
         return [counts[storage.basename(p)] for p in shard_paths]
+
+
+    def digest(self, shard_paths: list[str]) -> str:
+        """A fingerprint of the given shards' content as the manifest records it (names, sample and byte counts,
+        classes), not of where they are: the same shards copied to another store have the same digest."""
+        shards = {s.name: s for s in self.shards}
+        listed = [(storage.basename(p), shards[storage.basename(p)].num_samples, shards[storage.basename(p)].num_bytes)
+                  for p in shard_paths]
+        return content_digest({"split": self.split, "classes": self.classes, "shards": listed})
+
+
+def content_digest(body) -> str:
+    """16 hex digits of the SHA-256 of `body` as canonical JSON."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def manifest_name(split: str) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from pipeline import storage
-from pipeline.data.manifest import find_manifest
+from pipeline.data.manifest import content_digest, find_manifest
 from pipeline.data.shard_specs import expand_shards
 
 
@@ -25,6 +25,7 @@ class ShardSet:
     split: str = ""  # the manifest's split name
     sample_members: list[str] = field(default_factory=list)  # member suffixes of a sample, e.g. jpg, cls
     json_keys: list[str] = field(default_factory=list)  # keys of a sample's .json member
+    digest: str = ""  # of the shards' names and, with a manifest, their sample and byte counts (manifest.py)
 
     @property
     def num_shards(self) -> int:
@@ -75,7 +76,7 @@ def read_shard_set(spec: str | list[str]) -> ShardSet:
     uris = expand_shards(spec)
     manifest = find_manifest(uris)
     if manifest is None:
-        return ShardSet(spec=spec, uris=uris, counts=None)
+        return ShardSet(spec=spec, uris=uris, counts=None, digest=content_digest([storage.basename(u) for u in uris]))
     return ShardSet(spec=spec, uris=uris, counts=manifest.sample_counts(uris), classes=list(manifest.classes),
                     split=manifest.split, sample_members=list(manifest.sample_members),
-                    json_keys=list(manifest.json_keys))
+                    json_keys=list(manifest.json_keys), digest=manifest.digest(uris))

@@ -8,7 +8,6 @@ experiment created here gets the store's absolute artifact root for sqlite store
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,9 @@ from pipeline.tracking.store import TrackingUnavailable, artifact_root_for
 log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow's UI opens an experiment of this kind on its runs table, not on the GenAI overview
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the UI shows the run under its parent
 # the runs of jobs, not the runs of their attempts (attempts.py), which carry no pipeline.job tag
 JOB_RUNS = "tags.`pipeline.job` LIKE '%'"
 
@@ -37,7 +39,8 @@ def _client(uri: str):
 
 
 def ensure_experiment(uri: str, experiment: str) -> str:
-    """The id of `experiment`, created if missing (with the absolute artifact root for sqlite stores)."""
+    """The id of `experiment`, created if missing (with the absolute artifact root for sqlite stores), of the
+    kind that MLflow's UI opens on its training runs (unless someone gave it another kind)."""
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
@@ -46,7 +49,8 @@ def ensure_experiment(uri: str, experiment: str) -> str:
         root = artifact_root_for(uri)
         location = f"{root}/{_safe_dirname(experiment)}" if root else None
         try:
-            return client.create_experiment(experiment, artifact_location=location)
+            return client.create_experiment(experiment, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as exc:  # another job created it between the lookup and the create
             found = client.get_experiment_by_name(experiment)
             if found is None:
@@ -54,6 +58,8 @@ def ensure_experiment(uri: str, experiment: str) -> str:
     if found.lifecycle_stage == "deleted":
         log.warning("MLflow experiment %r was deleted; restoring it to log into it", experiment)
         client.restore_experiment(found.experiment_id)
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return found.experiment_id
 
 
@@ -71,13 +77,16 @@ def start_job_run(
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Create a RUNNING run with flattened params and lineage tags, leave it inactive here, return its id."""
+    """Create a RUNNING run with flattened params and lineage tags, leave it inactive here, return its id. A run
+    made from `parent_run_id` is its child in MLflow's sense too (mlflow.parentRunId)."""
     from mlflow.entities import Param
 
     client = _client(uri)
     experiment_id = ensure_experiment(uri, experiment)
     tags = _context_tags()
     tags.update(lineage_tags(job, parent_run_id))
+    if parent_run_id:
+        tags[PARENT_RUN_TAG] = parent_run_id
     tags.update({str(key): str(value) for key, value in (extra_tags or {}).items()})
     tags = {key: truncate(value, MAX_TAG_VAL_LENGTH) for key, value in tags.items()}
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -100,6 +109,16 @@ def _context_tags() -> dict[str, str]:
         return {key: str(value) for key, value in resolve_tags({}).items()}
     except Exception:  # a context provider failing must not stop a job
         return {}
+
+
+def run_page(uri: str, run_id: str) -> str:
+    """Where to see the run: its page in MLflow's UI, in the model-training view (MLflow 3 opens an experiment on
+    its GenAI overview unless told, whatever its kind), behind the `mlflow ui` command for a local store."""
+    experiment_id = _client(uri).get_run(run_id).info.experiment_id
+    page = f"/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/") + page
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000{page}"
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -129,21 +148,10 @@ def child_run_ids(uri: str, parent_run_id: str) -> list[str]:
     return [run.info.run_id for run in sorted(found, key=lambda run: (run.info.start_time, run.info.run_id))]
 
 
-def log_run_artifacts(
-    uri: str,
-    run_id: str,
-    *,
-    config_yaml: str | None = None,
-    figures: Mapping[str, Any] | None = None,
-    files: Mapping[str, str | os.PathLike] | None = None,
-) -> list[str]:
-    """Log the resolved config (`config.yaml`), figures (`plots/<name>.png`) and files/folders (`<subdir>/...`).
-
-    Returns the artifact paths logged. Missing local files are reported before anything is uploaded.
-    """
-    missing = [os.fspath(path) for path in (files or {}).values() if not os.path.exists(path)]
-    if missing:
-        raise FileNotFoundError(f"cannot log artifacts for run {run_id}, missing: {', '.join(missing)}")
+def log_run_artifacts(uri: str, run_id: str, *, config_yaml: str | None = None,
+                      figures: Mapping[str, Any] | None = None) -> list[str]:
+    """Log the resolved config (`config.yaml`) and figures (`plots/<name>.png`); the artifact paths logged. The
+    weights go into the final checkpoint's logged model (models.py), not the run's artifacts."""
     client = _client(uri)
     logged = []
     if config_yaml is not None:
@@ -153,13 +161,4 @@ def log_run_artifacts(
         artifact = f"plots/{name}" if Path(name).suffix else f"plots/{name}.png"
         client.log_figure(run_id, figure, artifact)
         logged.append(artifact)
-    for subdir, local_path in (files or {}).items():
-        subdir = str(subdir).strip("/") or None
-        if os.path.isdir(local_path):
-            client.log_artifacts(run_id, os.fspath(local_path), subdir)
-            logged.append(subdir or ".")
-        else:
-            client.log_artifact(run_id, os.fspath(local_path), subdir)
-            name = os.path.basename(local_path)
-            logged.append(f"{subdir}/{name}" if subdir else name)
     return logged

@@ -35,6 +35,7 @@ WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.json"
+SCORE_KEY = "checkpoint_score"  # in each checkpoint's report: its val/top1 (-inf before the first evaluation)
 
 
 @dataclass

@@ -4,7 +4,8 @@ The loop (loop.py) talks to a `TrainContext` and to nothing of Ray:
 
     rank, local_rank, world_size
     report(metrics, checkpoint_dir)       a barrier: every rank calls it equally often; where it was committed
-    latest_checkpoint()                   the checkpoint to restart from (a context manager), or None
+    latest_checkpoint()                   the checkpoint to restart from (a context manager): (a folder on this
+                                          machine, where it is stored), or (None, None)
     start_ledgers(count, ...)             bad-sample ledgers, one per dataset (a collective)
     image_stream(shards, cfg, ...)        this rank's stream of decoded rows of a ShardSet (a collective)
     preemption_deadline_collective()      None, or the deadline of a drain of one of the group's nodes
@@ -44,7 +45,7 @@ class TrainContext(Protocol):
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> str | None: ...
 
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[tuple[str | None, str | None]]: ...
 
     def preemption_deadline_collective(self) -> int | None: ...
 
@@ -102,9 +103,9 @@ class LocalContext:
         return str(target)
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
+    def latest_checkpoint(self) -> Iterator[tuple[str | None, str | None]]:
         latest = self.checkpoints[-1] if self.checkpoints else self.resume_from
-        yield str(latest) if latest else None
+        yield (str(latest), str(latest)) if latest else (None, None)
 
     def preemption_deadline_collective(self) -> int | None:
         return None  # one process on this machine: nothing drains it

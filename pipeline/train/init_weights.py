@@ -1,7 +1,8 @@
 """Pretrained weights for a fine-tune: where they come from, whether they fit, and what is re-initialised.
 
 `init_from` accepts a checkpoint directory of the pretrain job, a consolidated `model.safetensors`,
-`runs:/<mlflow run id>` (that pretrain run's final checkpoint), or a timm-format state_dict file (safetensors,
+`runs:/<mlflow run id>` (that pretrain run's final checkpoint), `models:/<logged model id>` or
+`models:/<registered name>/<version>` (that checkpoint), or a timm-format state_dict file (safetensors,
 or `.pth`/`.pt`/`.bin` loaded with `weights_only=True`), each local or at a storage URI (`s3://…`). The
 fine-tune model may be built at a higher resolution than the weights were trained at: the position
 embeddings are resampled when the weights are loaded (bicubic, [class] slot kept). The head is dropped, to be
@@ -24,7 +25,7 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
-RUN_PREFIX = "runs:/"
+RUN_PREFIX, MODEL_PREFIX = "runs:/", "models:/"
 HEAD_KEYS = ("head.weight", "head.bias")
 POS_EMBED_KEY = "pos_embed"
 
@@ -37,6 +38,7 @@ class InitSource:
     state_dict: dict[str, torch.Tensor]
     parent_run_id: str = ""  # the pretrain run, for runs:/ specs and checkpoints that name theirs
     img_size: int = 0  # resolution the weights were trained at; 0 when it cannot be told
+    model_id: str = ""  # the MLflow logged model of the weights, for runs:/ and models:/ specs
 
 
 @dataclass
@@ -46,6 +48,7 @@ class InitWeights:
     parent_run_id: str = ""
     source_img_size: int = 0
     reset_head: bool = False
+    model_id: str = ""
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -67,16 +70,17 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def locate_init(spec: str, tracking_uri: str) -> InitSource:
     """Read the weights `init_from` names, local or on any storage URI, and what is known of their origin."""
-    parent_run_id, img_size = "", 0
-    if spec.startswith(RUN_PREFIX):
-        from pipeline.tracking.lineage import LineageError, pretrain_run
+    parent_run_id, img_size, model_id = "", 0, ""
+    if spec.startswith((RUN_PREFIX, MODEL_PREFIX)):
+        from pipeline.tracking.lineage import LineageError, model_checkpoint, pretrain_run
 
         try:
-            run = pretrain_run(tracking_uri, spec[len(RUN_PREFIX):].strip("/").split("/")[0])
+            run = pretrain_run(tracking_uri, spec[len(RUN_PREFIX):].strip("/").split("/")[0]) if \
+                spec.startswith(RUN_PREFIX) else model_checkpoint(tracking_uri, spec)
         except LineageError as err:
             raise ConfigError(f"init_from: {err}") from err
         path, parent_run_id, img_size = os.path.join(run.checkpoint_dir, WEIGHTS_FILE), run.run_id, run.img_size
-        copy = run.checkpoint_dir if run.downloaded else None
+        model_id, copy = run.model_id, run.checkpoint_dir if run.downloaded else None
     else:
         path, copy = _local_weights_file(spec)
     try:
@@ -88,7 +92,7 @@ def locate_init(spec: str, tracking_uri: str) -> InitSource:
             shutil.rmtree(copy, ignore_errors=True)
     img_size = img_size or int(config.get("model_args", {}).get("img_size", 0)) or _trained_img_size(state)
     return InitSource(spec=spec, state_dict=state, parent_run_id=parent_run_id or config.get("mlflow_run_id", ""),
-                      img_size=img_size)
+                      img_size=img_size, model_id=model_id)
 
 
 def _local_weights_file(spec: str) -> tuple[str, str | None]:
@@ -107,8 +111,8 @@ def _local_weights_file(spec: str) -> tuple[str, str | None]:
         folder = storage.download(spec, (WEIGHTS_FILE, CONFIG_FILE), prefix="init-")
         return os.path.join(folder, WEIGHTS_FILE), folder
     if kind != pafs.FileType.File:
-        raise ConfigError(f"init_from: {spec} does not exist (give a checkpoint folder, a weights file or "
-                          "runs:/<run id>)")
+        raise ConfigError(f"init_from: {spec} does not exist (give a checkpoint folder, a weights file, "
+                          "runs:/<run id> or models:/<model id>)")
     if not storage.is_remote(spec):
         return spec, None
     folder = storage.download(storage.parent(spec), (storage.basename(spec), CONFIG_FILE), prefix="init-")
@@ -148,4 +152,4 @@ def check_init_weights(source: InitSource, model_state: dict[str, torch.Tensor],
     if drop_head:
         state = {key: value for key, value in state.items() if key not in HEAD_KEYS}
     return InitWeights(state_dict=state, source=source.spec, parent_run_id=source.parent_run_id,
-                       source_img_size=source.img_size, reset_head=drop_head)
+                       source_img_size=source.img_size, reset_head=drop_head, model_id=source.model_id)

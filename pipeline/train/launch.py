@@ -45,6 +45,8 @@ class JobResult:
     wall_time_s: float
     storage_path: str
     run_name: str
+    model_uri: str = ""  # models:/<id> of the final checkpoint's logged model, when it was made
+    registered: str = ""  # models:/<name>/<version> with tracking.register_as
 
 
 def parse_job_args(argv, *, doc: str, demo_config, sections: str, overrides_help: str):
@@ -100,7 +102,7 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
     MLflow run id are set on `run` here. If training fails, the run is FAILED and JobFailed says why in one
     line."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from pipeline.internals import pin_data_stats_to_this_node
@@ -119,6 +121,7 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
                            run_name=job.tracking.run_name or run.run_name, job=run.kind, config=run.params(),
                            parent_run_id=(run.init.parent_run_id or None) if run.init else None, extra_tags=tags)
     run = dataclasses.replace(run, mlflow_run_id=run_id)
+    record_inputs(run)
     log.info("MLflow run %s in %s; checkpoints under %s/%s", run_id, run.tracking_uri, run.storage_path, run.run_name)
     resources = {**train_cfg.worker_resources, "CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -132,7 +135,7 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
         run_config=RunConfig(name=run.run_name, storage_path=run.storage_path, callbacks=[EndOnJobFailed()],
                              worker_runtime_env=console.worker_runtime_env(verbose),
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints)),
+                             checkpoint_config=checkpoint_config(run.job)),
     )
     if isinstance(train_cfg.num_workers, tuple):
         os.environ.setdefault(START_TIMEOUT_ENV, str(ELASTIC_START_TIMEOUT_S))  # Ray Train passes it to its controller
@@ -143,7 +146,13 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         checkpoint = storage.to_uri(run.storage_path, result.checkpoint.path)  # Ray gives the path without a scheme
-        record_outcome(run, checkpoint)
+        model_uri = record_outcome(run, checkpoint)
+        registered = ""
+        if job.tracking.register_as:
+            from pipeline.tracking.models import register_best
+
+            version = register_best(run.tracking_uri, run_id, job.tracking.register_as)
+            registered = f"models:/{version.name}/{version.version}" if version else ""
     except TrainingFailedError as err:
         finish_run(run.tracking_uri, run_id, "FAILED")
         raise JobFailed(failure_message(err, train_cfg.max_failures)) from None
@@ -153,7 +162,35 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
     finish_run(run.tracking_uri, run_id, "FINISHED")
     return JobResult(run_id=run_id, tracking_uri=run.tracking_uri, checkpoint_path=checkpoint,
                      metrics=dict(result.metrics or {}), wall_time_s=time.perf_counter() - start,
-                     storage_path=run.storage_path, run_name=run.run_name)
+                     storage_path=run.storage_path, run_name=run.run_name, model_uri=model_uri, registered=registered)
+
+
+def checkpoint_config(job):
+    """Ray keeps the newest `train.keep_checkpoints`, or, when the best checkpoint is to be registered, the best
+    ones by val/top1 (`checkpoint_score` in the report); the latest is always kept, to resume from."""
+    from ray.train import CheckpointConfig
+
+    from pipeline.train.checkpoint import SCORE_KEY
+
+    if job.tracking.register_as:
+        return CheckpointConfig(num_to_keep=job.train.keep_checkpoints, checkpoint_score_attribute=SCORE_KEY,
+                                checkpoint_score_order="max")
+    return CheckpointConfig(num_to_keep=job.train.keep_checkpoints)
+
+
+def record_inputs(run: ResolvedJob) -> None:
+    """The run's inputs in MLflow: its train and val shards as datasets (with a fine-tune's parent's), and the
+    logged model a fine-tune starts from."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelInput
+
+    from pipeline.tracking.datasets import log_datasets
+
+    client = MlflowClient(run.tracking_uri)
+    log_datasets(client, run.mlflow_run_id, train=run.train_shards, val=run.val_shards,
+                 parent_run_id=run.init.parent_run_id if run.init else "")
+    if run.init and run.init.model_id:
+        client.log_inputs(run.mlflow_run_id, models=[LoggedModelInput(run.init.model_id)])
 
 
 class EndOnJobFailed(UserCallback):
@@ -181,6 +218,16 @@ def failure_message(err: Exception, max_failures: int) -> str:
             "(the workers' tracebacks are above)")
 
 
+def print_outcome(result: JobResult) -> None:
+    """A finished job's last lines: where its checkpoint and its logged model are, and where to look at the run."""
+    from pipeline.tracking.runs import run_page
+
+    print(f"checkpoint:      {result.checkpoint_path}")
+    if result.model_uri:
+        print(f"logged model:    {result.model_uri}" + (f" (best: {result.registered})" if result.registered else ""))
+    print(f"look at it:      {run_page(result.tracking_uri, result.run_id)}")
+
+
 def end_job(err: JobFailed) -> int:
     """A job main's end after a failure: Ray is let go first, so that its log lines do not follow ours."""
     import ray
@@ -190,30 +237,38 @@ def end_job(err: JobFailed) -> int:
     return 1
 
 
-def record_outcome(run: ResolvedJob, checkpoint_path: str) -> None:
-    """Artifacts: the resolved job, the curves, and the consolidated weights of a local checkpoint. The tag
-    `pipeline.checkpoint` holds the checkpoint's location (a URI for remote storage), which `runs:/<id>`
-    follows; weights on remote storage are not copied into MLflow, and the job says so."""
+def record_outcome(run: ResolvedJob, checkpoint_path: str) -> str:
+    """Artifacts: the resolved job and the curves; the consolidated weights of a local checkpoint go into the
+    final checkpoint's logged model (models.py). The tag `pipeline.checkpoint` holds the checkpoint's location
+    (a URI for remote storage), which `runs:/<id>` follows; weights on remote storage are not copied into
+    MLflow, and the job says so. Returns models:/<id> of the final checkpoint, "" when it has no model."""
     from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
 
-    from pipeline.tracking.lineage import CHECKPOINT_TAG
+    from pipeline.tracking.models import CHECKPOINT_TAG, checkpoint_models
     from pipeline.tracking.plots import metric_histories, plot_curves
     from pipeline.tracking.runs import log_run_artifacts
     from pipeline.train.checkpoint import CONFIG_FILE, EMA_WEIGHTS_FILE, WEIGHTS_FILE
 
     job, run_id, tracking_uri = run.job, run.mlflow_run_id, run.tracking_uri
+    client = MlflowClient(tracking_uri)
     curves = ("train/loss", "val/top1")
     figure = plot_curves(metric_histories(tracking_uri, [run_id], metrics=curves), metrics=curves,
                          title=job.tracking.run_name or run_id)
-    with tempfile.TemporaryDirectory() as weights_dir:
-        files = {}
-        if job.tracking.log_weights and not storage.is_remote(checkpoint_path):
+    log_run_artifacts(tracking_uri, run_id, config_yaml=run.to_yaml(), figures={"curves": figure})
+    final = next((m for m in checkpoint_models(client, run_id) if m.tags.get(CHECKPOINT_TAG) == checkpoint_path),
+                 None)
+    if final is None:
+        log.warning("MLflow: no logged model of the final checkpoint %s; its weights stay there only", checkpoint_path)
+    elif job.tracking.log_weights and not storage.is_remote(checkpoint_path):
+        with tempfile.TemporaryDirectory() as weights_dir:
             for name in (WEIGHTS_FILE, EMA_WEIGHTS_FILE, CONFIG_FILE):  # links: the weights are not copied twice
                 if (Path(checkpoint_path) / name).exists():
                     os.symlink(Path(checkpoint_path) / name, Path(weights_dir) / name)
-            files = {"weights": weights_dir}
-        elif job.tracking.log_weights:
-            log.info("weights not copied into MLflow: the checkpoint is on remote storage, and the run links to it "
-                     "(tag %s = %s)", CHECKPOINT_TAG, checkpoint_path)
-        log_run_artifacts(tracking_uri, run_id, config_yaml=run.to_yaml(), figures={"curves": figure}, files=files)
-    MlflowClient(tracking_uri).set_tag(run_id, CHECKPOINT_TAG, checkpoint_path)
+            client.log_model_artifacts(final.model_id, weights_dir)
+        client.delete_logged_model_tag(final.model_id, MLFLOW_MODEL_IS_EXTERNAL)
+    elif job.tracking.log_weights:
+        log.info("weights not copied into MLflow: the checkpoint is on remote storage, and the run links to it "
+                 "(tag %s = %s)", CHECKPOINT_TAG, checkpoint_path)
+    client.set_tag(run_id, CHECKPOINT_TAG, checkpoint_path)
+    return f"models:/{final.model_id}" if final else ""

@@ -25,6 +25,7 @@ from pipeline.data.bad_samples import BadSampleReport
 from pipeline.internals import use_weights_only_loading
 from pipeline.train.checkpoint import (
     EMA_WEIGHTS_FILE,
+    SCORE_KEY,
     LoopState,
     load_checkpoint,
     local_checkpoint,
@@ -186,7 +187,8 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                                  reset_head=run.init.reset_head if run.init else False)
     micro_batch, accum = train_cfg.micro_batch_size_per_worker(), train_cfg.grad_accum_steps(world_size)
     state, ema = LoopState(), None
-    with ctx.latest_checkpoint() as checkpoint_dir, local_checkpoint(checkpoint_dir or train_cfg.resume_from) as source:
+    with ctx.latest_checkpoint() as (checkpoint_dir, stored_at), \
+            local_checkpoint(checkpoint_dir or train_cfg.resume_from) as source:
         if source:
             state = load_checkpoint(engine, source, local_rank=ctx.local_rank)
             if rank == 0:
@@ -219,9 +221,12 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
     tracked = None
     if rank == 0 and run.mlflow_run_id:
         from pipeline.tracking.attempts import AttemptMetrics
+        from pipeline.tracking.datasets import dataset_key
 
         tracked = AttemptMetrics(run.tracking_uri, run.mlflow_run_id, run_name=run.run_name, world_size=world_size,
-                                 start_step=state.step, carried=state.job_run_metrics)
+                                 start_step=state.step, carried=state.job_run_metrics, model_params=run.model_params(),
+                                 val_dataset=dataset_key(run.val_shards) if run.val_shards else None,
+                                 resumed_location=storage.to_uri(run.storage_path, stored_at) if stored_at else None)
     progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size)
     batches = feed.epochs(state.epoch_record())
     sample_log = open_sample_log_collective(rank, world_size, ctx.cpu_group)
@@ -275,11 +280,13 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
             if due(state.step, train_cfg.checkpoint_every_n_steps, stop_step) or drain_deadline is not None:
                 report = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
                           **{k: v for k, v in metrics.items() if k.startswith(("train/", "val"))},
-                          **{f"last_{k}": v for k, v in last_val.items()}}
+                          **{f"last_{k}": v for k, v in last_val.items()},
+                          SCORE_KEY: last_val.get("val/top1", float("-inf"))}
                 if tracked is not None:
                     state.job_run_metrics = tracked.carried()
-                if checkpoint_collective(run, ctx, engine, feed, state, ema, report) and tracked is not None:
-                    tracked.commit(state.step)
+                location = checkpoint_collective(run, ctx, engine, feed, state, ema, report)
+                if location and tracked is not None:
+                    tracked.commit(state.step, location)
                 if drain_deadline is not None and state.step < stop_step:
                     if tracked is not None:  # the metrics sent while this group waits to be ended
                         tracked.flush(10.0)
@@ -323,8 +330,8 @@ def open_sample_log_collective(rank: int, world_size: int, group=None):
 
 def checkpoint_collective(run: ResolvedJob, ctx: TrainContext, engine, feed: TrainFeed, state: LoopState,
                           ema: WeightEMA | None, report: dict) -> str | None:
-    """The data position agreed by all ranks, the DeepSpeed state and the weights, reported to the context; where
-    the checkpoint went, None if it was not stored (a collective)."""
+    """The data position agreed by all ranks, the DeepSpeed state and the weights, reported to the context; on
+    rank 0, where the checkpoint was committed (a path or storage URI), None if it was not (a collective)."""
     record, bad_samples = feed.record_collective()
     state.set_epoch_record(record)
     state.bad_samples = asdict(bad_samples)
@@ -333,7 +340,8 @@ def checkpoint_collective(run: ResolvedJob, ctx: TrainContext, engine, feed: Tra
                                    ema_weights=ema.state_dict() if ema is not None else None)
         location = ctx.report(report, directory)
     if ctx.rank == 0 and location:
-        log.info("checkpoint step %d: %s", state.step, storage.to_uri(run.storage_path, location))
+        location = storage.to_uri(run.storage_path, location)
+        log.info("checkpoint step %d: %s", state.step, location)
     return location
 
 

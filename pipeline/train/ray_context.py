@@ -107,21 +107,23 @@ class RayTrainContext:
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is None or self.rank != 0:
             return None
-        # blocks until Ray Train has processed every report in flight, this one included
+        # blocks until Ray Train has processed every report in flight, this one included; in the order Ray keeps
+        # them, by score with tracking.register_as (launch.checkpoint_config)
         committed = ray.train.get_all_reported_checkpoints(
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        latest = committed[-1] if committed else None
-        return latest.checkpoint.path if latest and latest.metrics.get("step") == metrics.get("step") else None
+        ours = [c for c in committed if c.metrics.get("step") == metrics.get("step")]
+        return ours[-1].checkpoint.path if ours else None
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
-        """The checkpoint Ray Train restores after a worker failure, as a local directory, or None."""
+    def latest_checkpoint(self) -> Iterator[tuple[str | None, str | None]]:
+        """The checkpoint Ray Train restores after a worker failure: (a local directory, its path on the storage's
+        filesystem), or (None, None)."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            yield None
+            yield None, None
             return
         with checkpoint.as_directory() as directory:
-            yield directory
+            yield directory, checkpoint.path
 
     def start_ledgers(self, count: int, max_bad_fraction: float, min_samples: int) -> list:
         """Rank 0 starts the ledgers, which live as long as it does; every rank learns their names, so that a

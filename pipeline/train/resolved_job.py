@@ -37,6 +37,7 @@ class InitPlan:
     parent_run_id: str  # the pretrain run, when known
     source_img_size: int  # the resolution the weights were trained at; 0 when it cannot be told
     reset_head: bool  # the weights carry no head: the model keeps its fresh one
+    model_id: str = ""  # the MLflow logged model the weights are, when known
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class ResolvedJob:
         if self.init:
             params.update(pretrain_img_size=self.init.source_img_size, img_size=self.job.data.img_size)
         return params
+
+    def model_params(self) -> dict:
+        """A checkpoint's logged-model params (MLflow's Models tab): what the model is, flattened by the tracker."""
+        return {"kind": self.kind, "model_args": self.model_args, "num_classes": len(self.classes)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(plain(self.record()), sort_keys=False)
@@ -247,6 +252,6 @@ def fit_init_weights(source, model_args: dict, *, reset_head: bool) -> tuple[Ini
         model_state = VisionTransformer(**model_args).state_dict()
     weights = check_init_weights(source, model_state, reset_head=reset_head)
     plan = InitPlan(spec=source.spec, parent_run_id=weights.parent_run_id, source_img_size=weights.source_img_size,
-                    reset_head=weights.reset_head)
+                    reset_head=weights.reset_head, model_id=weights.model_id)
     return plan, weights.state_dict
 

@@ -154,6 +154,7 @@ def sample_logs(workdir: Path) -> dict[int, list[dict]]:
 def test_the_run_finishes_through_a_drain_a_scale_up_and_a_lost_node(elastic_job):
     from mlflow import MlflowClient
 
+    from pipeline.tracking.models import checkpoint_models
     from pipeline.tracking.runs import JOB_RUNS
 
     job, events = elastic_job["job"], elastic_job["events"]
@@ -190,6 +191,11 @@ def test_the_run_finishes_through_a_drain_a_scale_up_and_a_lost_node(elastic_job
     drain = events["drain"]
     assert (began[2], starts[3]) == (drain["step"], drain["step"])
     assert max(m.step for m in client.get_metric_history(attempts[2].info.run_id, "train/loss")) == drain["step"]
+    # a logged model per committed checkpoint, each once: a lost attempt's checkpoint in flight has none, and the
+    # checkpoint a restart resumes from has one, whichever attempt made it
+    models = checkpoint_models(client, run.info.run_id)
+    assert [int(m.tags["pipeline.step"]) for m in models] == sorted({*range(CHECKPOINT_EVERY, STEPS + 1,
+                                                                            CHECKPOINT_EVERY), drain["step"]})
     # Ray's step lines are merged across the fake nodes' log monitors ("[repeated 60x across cluster]"): the
     # attempt's first step is read from its run instead
     again_ms = min(m.timestamp for m in client.get_metric_history(attempts[3].info.run_id, "train/loss"))

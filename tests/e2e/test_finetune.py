@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from safetensors import safe_open
@@ -24,8 +25,10 @@ from pipeline.config import ConfigError, load_job_config
 from pipeline.console import TAG, TAG_ENV, VERBOSE_ENV, count_lines
 from pipeline.tracking.compare import compare_runs
 from pipeline.tracking.lineage import latest_pretrain_run_id
+from pipeline.tracking.models import checkpoint_models, latest_value, register_best
 from pipeline.tracking.runs import child_run_ids
 from pipeline.tracking.store import resolve_tracking_uri
+from pipeline.train.checkpoint import read_weights
 from pipeline.train.resolved_job import resolve_job
 
 pytestmark = pytest.mark.e2e
@@ -81,12 +84,42 @@ def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_loc
         print(f"\ndemo pretrain, {PRETRAIN_STEPS} steps: val top-1 {pretrain_top1:.4f} in {pretrain_s:.0f} s")
     assert pretrain_top1 >= MIN_PRETRAIN_TOP1
 
+    # MLflow as its users look: the data as datasets, each checkpoint a logged model with its val metrics, the
+    # final one holding the weights, and the experiment of the kind that opens on training runs
+    client = MlflowClient(uri)
+    pretrain = client.get_run(pretrain_id)
+    assert client.get_experiment(pretrain.info.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+    datasets = {tag.value: item.dataset for item in pretrain.inputs.dataset_inputs for tag in item.tags
+                if tag.key == "mlflow.data.context"}
+    assert sorted(datasets) == ["train", "validation"] and datasets["train"].name.endswith("digits/train")
+    assert json.loads(datasets["train"].profile)["num_samples"] == 1438
+    models = checkpoint_models(client, pretrain_id)
+    assert [model.tags["pipeline.step"] for model in models] == ["200", str(PRETRAIN_STEPS)]
+    val = metric_history(uri, pretrain_id, "val/top1")
+    assert [[(m.key, m.step, m.value, m.dataset_name) for m in model.metrics if m.key == "val/top1"]
+            for model in models] == [[("val/top1", step, value, datasets["validation"].name)]
+                                     for step, value in val if step in (200, PRETRAIN_STEPS)]
+    assert {a.path for a in client.list_logged_model_artifacts(models[-1].model_id)} >= \
+        {"model.safetensors", "config.json", "MLmodel"}
+    assert re.search(rf"^logged model: +models:/{models[-1].model_id}$", console, re.M), console[-3000:]
+    assert re.search(rf"^look at it: +mlflow ui --backend-store-uri {re.escape(uri)}, then http://127.0.0.1:5000/#/"
+                     rf"experiments/{pretrain.info.experiment_id}/runs/{pretrain_id}\?workflowType=machine_learning$",
+                     console, re.M), console[-3000:]
+
     # the demo fine-tune, shortened: no init_from, so it starts from the newest pretrain run at 2x its size
     assert job_main("finetune")(["train.steps=24", "train.eval_every_n_steps=0", "data.local_shuffle_buffer=0",
                                  "train.checkpoint_every_n_steps=0"]) == 0
     [finetune_id] = child_run_ids(uri, pretrain_id)
     run = MlflowClient(uri).get_run(finetune_id)
     assert run.data.tags["pipeline.parent_run_id"] == pretrain_id
+    # the pretrain's child as MLflow sees it (the UI nests it), started from the pretrain's final model, on data
+    # the pretrain trained on too
+    assert run.data.tags["mlflow.parentRunId"] == pretrain_id
+    assert [m.model_id for m in run.inputs.model_inputs] == [models[-1].model_id]
+    assert [{t.key: t.value for t in item.tags} for item in run.inputs.dataset_inputs
+            if item.dataset.digest == datasets["train"].digest] == [
+        {"mlflow.data.context": "train", "pipeline.pretrain_run": pretrain_id}]
     assert run.data.tags["pipeline.init_from"] == f"runs:/{pretrain_id}"
     assert run.data.tags["pipeline.job"] == "finetune"
     assert run.data.params["pretrain_img_size"] == "32" and run.data.params["img_size"] == "64"
@@ -101,6 +134,21 @@ def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_loc
     # from a 300-step pretrain at 0.833 the fine-tune read 0.822
     assert finetune_top1 >= pretrain_top1 - 0.1, (pretrain_top1, finetune_top1)
     assert 0.0 <= metric_history(uri, finetune_id, "val_ema/top1")[-1][1] <= 1.0
+
+    # init_from the final logged model: the same weights as runs:/<id>; the best, registered: that checkpoint's
+    finetune_config = JOBS / "configs" / "digits_finetune.yaml"
+    by_run = resolve_job(load_job_config(finetune_config, [f"init_from=runs:/{pretrain_id}"]), "finetune")
+    by_model = resolve_job(load_job_config(finetune_config, [f"init_from=models:/{models[-1].model_id}"]), "finetune")
+    assert (by_model[0].init.model_id, by_model[0].init.parent_run_id, by_model[0].job.data.img_size) == \
+        (models[-1].model_id, pretrain_id, 64)
+    assert by_model[1].keys() == by_run[1].keys() and all(torch.equal(by_model[1][k], by_run[1][k]) for k in by_run[1])
+    version = register_best(uri, pretrain_id, "digits-demo")
+    best = max(models, key=lambda model: (latest_value(model, "val/top1"), int(model.tags["pipeline.step"])))
+    by_version = resolve_job(load_job_config(finetune_config, [f"init_from=models:/digits-demo/{version.version}"]),
+                             "finetune")
+    assert by_version[0].init.model_id == best.model_id
+    best_weights = read_weights(best.tags["pipeline.checkpoint"])
+    assert all(torch.equal(by_version[1][k], best_weights[k]) for k in by_version[1])
 
     assert job_main("compare")(["--last", "2", "--out", "compare.png"]) == 0
     assert (tmp_path / "compare.png").stat().st_size > 10_000

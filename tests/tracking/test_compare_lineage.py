@@ -72,7 +72,7 @@ def test_lineage_lookups_and_their_errors(sqlite_uri, tmp_path):
         pretrain_run(sqlite_uri, "deadbeef")
     with pytest.raises(LineageError, match="is a 'finetune' run, not a pretrain run"):
         pretrain_run(sqlite_uri, finetune)
-    with pytest.raises(LineageError, match="has no checkpoint"):
+    with pytest.raises(LineageError, match="has no weights: neither its checkpoint folder"):
         pretrain_run(sqlite_uri, without_checkpoint)
 
 
@@ -89,5 +89,5 @@ def test_a_checkpoint_on_s3_is_followed_from_its_tag(sqlite_uri, tmp_path, s3_st
     assert found.downloaded and sorted(os.listdir(found.checkpoint_dir)) == ["config.json", "model.safetensors"]
     assert (Path(found.checkpoint_dir) / "model.safetensors").read_bytes() == b"weights"
     gone = make_run(sqlite_uri, "lineage-s3", "pretrain", tags={"pipeline.checkpoint": uri + "-deleted"})
-    with pytest.raises(LineageError, match="has no checkpoint"):
+    with pytest.raises(LineageError, match="has no weights: neither its checkpoint folder"):
         pretrain_run(sqlite_uri, gone)

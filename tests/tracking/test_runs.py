@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import subprocess
 import uuid
 from pathlib import Path
@@ -95,24 +94,13 @@ def test_finish_run_rejects_unknown_status(sqlite_uri):
         finish_run(sqlite_uri, "0" * 32, "DONE")
 
 
-def test_log_run_artifacts_config_figures_and_files(any_store, tmp_path):
+def test_log_run_artifacts_config_and_figures(any_store, tmp_path):
     from pipeline.tracking.plots import plot_curves
 
     run_id = start_job_run(uri=any_store, experiment=_unique("artifacts"), run_name="r", job="pretrain", config={})
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"\x00" * 1024)
-    checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text(json.dumps({"img_size": 32}))
     figure = plot_curves({"r": {"train/loss": [(0, 2.0), (10, 1.0)], "val/top1": [(10, 0.5)]}})
-    logged = log_run_artifacts(
-        any_store,
-        run_id,
-        config_yaml="model:\n  img_size: 32\n",
-        figures={"curves": figure},
-        files={"weights": str(weights), "checkpoint": str(checkpoint)},
-    )
-    assert logged == ["config.yaml", "plots/curves.png", "weights/model.safetensors", "checkpoint"]
+    logged = log_run_artifacts(any_store, run_id, config_yaml="model:\n  img_size: 32\n", figures={"curves": figure})
+    assert logged == ["config.yaml", "plots/curves.png"]
     out = Path(
         mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="", tracking_uri=any_store, dst_path=str(tmp_path / "dl")
@@ -120,14 +108,3 @@ def test_log_run_artifacts_config_figures_and_files(any_store, tmp_path):
     )
     assert (out / "config.yaml").read_text() == "model:\n  img_size: 32\n"
     assert (out / "plots" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "weights" / "model.safetensors").stat().st_size == 1024
-    assert json.loads((out / "checkpoint" / "config.json").read_text()) == {"img_size": 32}
-
-
-def test_log_run_artifacts_reports_missing_files_before_uploading(sqlite_uri, tmp_path):
-    run_id = start_job_run(uri=sqlite_uri, experiment="missing", run_name="r", job="pretrain", config={})
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        log_run_artifacts(
-            sqlite_uri, run_id, config_yaml="a: 1\n", files={"weights": str(tmp_path / "nope.safetensors")}
-        )
-    assert MlflowClient(tracking_uri=sqlite_uri).list_artifacts(run_id) == []

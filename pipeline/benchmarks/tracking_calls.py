@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> None:
     for steps, checkpoints, counted, wall_s in rows:
         print(f"| {steps} | {checkpoints} | {wall_s:.0f} | " + " | ".join(str(counted.get(k, 0)) for k in kinds) + " |")
     (short, short_ckpt, a, _), (long, long_ckpt, b, _) = rows
-    extra = {kind: (b.get(kind, 0) - a.get(kind, 0)) / (long - short) for kind in kinds}
-    print(f"\nper step added ({short} -> {long} steps, {short_ckpt} -> {long_ckpt} checkpoints): "
-          + ", ".join(f"{kind} {value:.2f}" for kind, value in extra.items()))
+    print(f"\nadded from {short} to {long} steps: training thread {b.get('training', 0) - a.get('training', 0)} "
+          f"requests ({(b.get('training', 0) - a.get('training', 0)) / (long - short):.2f} per step); models thread "
+          f"{(b.get('models', 0) - a.get('models', 0)) / (long_ckpt - short_ckpt):.1f} per checkpoint; metrics "
+          f"threads {b.get('metrics', 0) - a.get('metrics', 0)} (a batch per run every 2 s, whatever the steps)")

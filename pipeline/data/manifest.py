@@ -77,13 +77,11 @@ class Manifest:
                              "rewrite the manifest with `jobs/make_shards.py --source shards:PATTERN`")
         return [counts[storage.basename(p)] for p in shard_paths]
 
-
     def digest(self, shard_paths: list[str]) -> str:
         """A fingerprint of the given shards' content as the manifest records it (names, sample and byte counts,
         classes), not of where they are: the same shards copied to another store have the same digest."""
         shards = {s.name: s for s in self.shards}
-        listed = [(storage.basename(p), shards[storage.basename(p)].num_samples, shards[storage.basename(p)].num_bytes)
-                  for p in shard_paths]
+        listed = [(s.name, s.num_samples, s.num_bytes) for s in (shards[storage.basename(p)] for p in shard_paths)]
         return content_digest({"split": self.split, "classes": self.classes, "shards": listed})
 
 

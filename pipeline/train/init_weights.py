@@ -25,7 +25,7 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
-RUN_PREFIX, MODEL_PREFIX = "runs:/", "models:/"
+RUN_PREFIX = "runs:/"
 HEAD_KEYS = ("head.weight", "head.bias")
 POS_EMBED_KEY = "pos_embed"
 
@@ -70,6 +70,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def locate_init(spec: str, tracking_uri: str) -> InitSource:
     """Read the weights `init_from` names, local or on any storage URI, and what is known of their origin."""
+    from pipeline.tracking.models import MODEL_PREFIX
+
     parent_run_id, img_size, model_id = "", 0, ""
     if spec.startswith((RUN_PREFIX, MODEL_PREFIX)):
         from pipeline.tracking.lineage import LineageError, model_checkpoint, pretrain_run

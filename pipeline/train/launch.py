@@ -180,17 +180,20 @@ def checkpoint_config(job):
 
 def record_inputs(run: ResolvedJob) -> None:
     """The run's inputs in MLflow: its train and val shards as datasets (with a fine-tune's parent's), and the
-    logged model a fine-tune starts from."""
+    logged model a fine-tune starts from. A failure is a warning: they describe the run, training needs none."""
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelInput
 
     from pipeline.tracking.datasets import log_datasets
 
-    client = MlflowClient(run.tracking_uri)
-    log_datasets(client, run.mlflow_run_id, train=run.train_shards, val=run.val_shards,
-                 parent_run_id=run.init.parent_run_id if run.init else "")
-    if run.init and run.init.model_id:
-        client.log_inputs(run.mlflow_run_id, models=[LoggedModelInput(run.init.model_id)])
+    try:
+        client = MlflowClient(run.tracking_uri)
+        log_datasets(client, run.mlflow_run_id, train=run.train_shards, val=run.val_shards,
+                     parent_run_id=run.init.parent_run_id if run.init else "")
+        if run.init and run.init.model_id:
+            client.log_inputs(run.mlflow_run_id, models=[LoggedModelInput(run.init.model_id)])
+    except Exception as exc:
+        log.warning("MLflow: the run's datasets and init model not recorded (%s)", " ".join(str(exc).split())[:200])
 
 
 class EndOnJobFailed(UserCallback):

@@ -110,7 +110,7 @@ def register_best(uri: str, run_id: str, name: str):
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):  # a later run registers again
             raise
     # as mlflow.register_model does, with the source it resolves models:/<id> to (a SQL registry resolves that
     # through the global tracking URI) and the model id as a version tag too (a SQL registry keeps none)

@@ -76,6 +76,7 @@ def test_each_committed_checkpoint_is_one_logged_model_with_its_val_metrics(any_
     assert json.loads(client.get_logged_model(models[1].model_id).tags["mlflow.modelVersions"]) == \
         [{"name": "digits-vit", "version": "1"}]  # what the model's page in the UI lists
     assert resolve_model(any_store, "models:/digits-vit/1").model_id == models[1].model_id
+    assert str(register_best(any_store, run_id, "digits-vit").version) == "2"  # a name registered before
     assert resolve_model(any_store, f"models:/{models[3].model_id}").tags[STEP_TAG] == "8"
     with pytest.raises(ValueError, match="no MLflow model models:/m-missing"):
         resolve_model(any_store, "models:/m-missing")

@@ -12,8 +12,6 @@ from mlflow import MlflowClient
 from pipeline import storage
 from pipeline.tracking.models import CHECKPOINT_TAG, checkpoint_models, resolve_model
 
-RUN_PREFIX = "runs:/"
-
 
 class LineageError(ValueError):
     """A run that cannot serve as requested (unknown, not a pretrain, no checkpoint); one line."""

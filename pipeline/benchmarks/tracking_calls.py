@@ -24,8 +24,9 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import date
+
+from pipeline.tracking.store import TrackingUnavailable, check_tracking_reachable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +55,9 @@ def start_server(root: str) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 120
     while True:
         try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            check_tracking_reachable(uri, timeout_s=2)
             return server, uri
-        except OSError:
+        except TrackingUnavailable:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("mlflow server did not start") from None
             time.sleep(0.5)

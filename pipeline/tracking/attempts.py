@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pipeline.internals import bounded_mlflow_http
 from pipeline.tracking.metrics import MetricLogger
 from pipeline.tracking.models import CheckpointModels
-from pipeline.tracking.runs import PARENT_RUN_TAG
+from pipeline.tracking.runs import PARENT_RUN_TAG, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +186,9 @@ def missing_from_run(uri: str, run_id: str, entries: list[Entry]) -> list[Entry]
 
 
 def _terminate(uri: str, run_id: str, status: str) -> None:
-    from mlflow.tracking import MlflowClient
-
+    """`finish_run`, bounded, a warning instead of an error: a tracking outage must not fail a finished attempt."""
     try:
         with bounded_mlflow_http(10):
-            MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+            finish_run(uri, run_id, status)
     except Exception as exc:
         log.warning("MLflow attempt run %s not closed (%s)", run_id, " ".join(str(exc).split())[:200])

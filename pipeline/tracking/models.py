@@ -133,14 +133,12 @@ def resolve_model(uri: str, spec: str):
     body = spec[len(MODEL_PREFIX):].strip("/")
     try:
         if "@" in body:
-            name, alias = body.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-            model_id = version.model_id or version.tags.get(MODEL_ID_TAG)
+            version = client.get_model_version_by_alias(*body.split("@", 1))
         elif re.fullmatch(r".+/\d+", body):
             version = client.get_model_version(*body.rsplit("/", 1))
-            model_id = version.model_id or version.tags.get(MODEL_ID_TAG)
         else:
-            model_id = body
+            version = None
+        model_id = (version.model_id or version.tags.get(MODEL_ID_TAG)) if version else body
         if not model_id:
             raise ValueError(f"{spec} is a registered version without a logged model")
         return client.get_logged_model(model_id)
@@ -161,7 +159,6 @@ class CheckpointModels:
     def __init__(self, uri: str, run_id: str, *, run_name: str, params: Mapping, val_dataset: tuple[str, str] | None):
         self.uri, self.run_id, self.run_name, self.params = uri, run_id, run_name, flatten_params(params)
         self.val_dataset = val_dataset
-        self.made: dict[int, str] = {}  # step -> model id
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"mlflow-models-{run_id[:8]}", daemon=True)
         self._thread.start()
@@ -177,12 +174,13 @@ class CheckpointModels:
         from mlflow import MlflowClient
         from mlflow.entities import LoggedModelStatus
 
-        client = None
+        client, experiment_id = None, None
         while (item := self._queue.get()) is not None:
             step, location, val, unless_made = item
             try:
                 with bounded_mlflow_http(10):
                     client = client or MlflowClient(tracking_uri=self.uri)
+                    experiment_id = experiment_id or client.get_run(self.run_id).info.experiment_id
                     if unless_made:
                         made = [m for m in checkpoint_models(client, self.run_id, ready=False)
                                 if int(m.tags[STEP_TAG]) == step]
@@ -190,10 +188,9 @@ class CheckpointModels:
                             continue
                         for model in made:  # its maker was lost half-way
                             client.finalize_logged_model(model.model_id, "FAILED")
-                    self.made[step] = create_checkpoint_model(
-                        client, experiment_id=client.get_run(self.run_id).info.experiment_id, run_id=self.run_id,
-                        name=f"{self.run_name}-step-{step}", step=step, location=location, params=self.params,
-                        val=val, val_dataset=self.val_dataset)
+                    create_checkpoint_model(client, experiment_id=experiment_id, run_id=self.run_id,
+                                            name=f"{self.run_name}-step-{step}", step=step, location=location,
+                                            params=self.params, val=val, val_dataset=self.val_dataset)
             except Exception as exc:  # a tracking outage must not stop training
                 log.warning("MLflow logged model of the checkpoint at step %d not made (%s)", step,
                             " ".join(str(exc).split())[:200])

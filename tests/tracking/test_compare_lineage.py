@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.tracking.compare import CompareError, compare_runs, format_table, plot_comparison
-from pipeline.tracking.lineage import LineageError, latest_pretrain_run_id, pretrain_run
+from pipeline.tracking.lineage import LineageError, latest_pretrain_run_id, model_checkpoint, pretrain_run
+from pipeline.tracking.models import create_checkpoint_model
 from pipeline.tracking.runs import child_run_ids, finish_run, start_job_run
 
 
@@ -88,6 +89,12 @@ def test_a_checkpoint_on_s3_is_followed_from_its_tag(sqlite_uri, tmp_path, s3_st
     found = pretrain_run(sqlite_uri, run_id)
     assert found.downloaded and sorted(os.listdir(found.checkpoint_dir)) == ["config.json", "model.safetensors"]
     assert (Path(found.checkpoint_dir) / "model.safetensors").read_bytes() == b"weights"
+    # the same checkpoint as a logged model: models:/<id> follows its location on the S3 endpoint as runs:/ does
+    model_id = create_checkpoint_model(MlflowClient(sqlite_uri), experiment_id=MlflowClient(sqlite_uri).get_run(
+        run_id).info.experiment_id, run_id=run_id, name="on-s3", step=2, location=uri, params={})
+    by_model = model_checkpoint(sqlite_uri, f"models:/{model_id}")
+    assert (by_model.downloaded, by_model.run_id, by_model.model_id) == (True, run_id, model_id)
+    assert (Path(by_model.checkpoint_dir) / "model.safetensors").read_bytes() == b"weights"
     gone = make_run(sqlite_uri, "lineage-s3", "pretrain", tags={"pipeline.checkpoint": uri + "-deleted"})
     with pytest.raises(LineageError, match="has no weights: neither its checkpoint folder"):
         pretrain_run(sqlite_uri, gone)

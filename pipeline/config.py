@@ -44,6 +44,9 @@ class DataConfig:
     decode_batch_size: int = 64  # rows per read block and per decode call
     decode_concurrency: int = 0  # max concurrent decode tasks; 0 lets Ray Data decide
     decode_num_cpus: float = 1.0  # CPUs reserved by each decode task
+    # "cpu": decode tasks decode, crop and resize; "gpu": they read headers and draw crops, and each Train
+    # worker decodes its JPEGs on its GPU (nvJPEG; its CPU where it has no GPU)
+    decode_device: str = "cpu"
     # Ray custom resources each read+decode task also requests, e.g. {data_node: 1}: decoding then runs only on
     # nodes started with that resource (the CPU-only data nodes of cluster/), leaving GPU nodes' CPUs to training
     decode_resources: dict[str, float] = field(default_factory=dict)
@@ -70,6 +73,8 @@ class DataConfig:
             (self.decode_batch_size >= 1, "decode_batch_size must be >= 1"),
             (self.decode_concurrency >= 0, "decode_concurrency must be >= 0 (0 lets Ray Data decide)"),
             (self.decode_num_cpus > 0, "decode_num_cpus must be > 0"),
+            (self.decode_device in DECODE_DEVICES,
+             f"decode_device must be one of {', '.join(DECODE_DEVICES)}; got {self.decode_device!r}"),
             *custom_resource_checks("decode_resources", self.decode_resources, "decode_num_cpus sets the CPUs"),
             (self.local_shuffle_buffer >= 0, "local_shuffle_buffer must be >= 0"),
             (self.prefetch_batches >= 0, "prefetch_batches must be >= 0"),
@@ -80,6 +85,7 @@ class DataConfig:
         return self
 
 
+DECODE_DEVICES = ("cpu", "gpu")
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 

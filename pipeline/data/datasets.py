@@ -84,25 +84,27 @@ def read_shards(paths: list[str], filesystem, *, seed: int | None, first_epoch: 
 
 
 def decode_batch(batch: dict, **kwargs) -> dict:
-    """The `map_batches` function: `transforms.decode_batch`, imported only where a batch is decoded. The
-    driver and Ray Data's coordinator actors unpickle this function too, and would otherwise pay for
-    importing torch and torchvision (about 6 s of CPU each) without decoding anything."""
+    """The `map_batches` function: `transforms.decode_batch`, or `transforms.prepare_batch` when the Train
+    workers decode (data.decode_device=gpu), imported only where a batch is decoded. The driver and Ray Data's
+    coordinator actors unpickle this function too, and need none of the decoders."""
     from pipeline.data import transforms
 
-    return transforms.decode_batch(batch, **kwargs)
+    return (transforms.prepare_batch if kwargs["cfg"].decode_device == "gpu" else transforms.decode_batch)(
+        batch, **kwargs)
 
 
 def build_image_dataset(shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger=None,
                         shuffle_files: bool | None = None, first_epoch: int = 0,
                         skip: dict[str, np.ndarray] | None = None) -> ray.data.Dataset:
-    """Columns `image` uint8 (3, S, S), `label` int64, `shard` int32, the index of the row's shard in
-    `shards.uris`, and `index` int32, the row's position in its shard. `skip` (uri -> bitmap by position) names
-    samples a resumed epoch has accounted for already, which are dropped before decoding. Train datasets read
-    the shards in a seeded permutation per epoch (seed cfg.shuffle_seed + epoch) and augment; eval datasets
-    read them in the set's order with the deterministic centre crop. `shuffle_files=False` reads a train
-    dataset's shards in the set's order (the trainer plans a resumed epoch's order itself). Bad samples are
-    reported to `ledger` (ledger.RayLedger). The filesystem is resolved here, from the locations, in whichever
-    process builds the dataset."""
+    """Columns `image` uint8 (3, S, S) (with data.decode_device=gpu, `transforms.prepare_batch`'s columns in
+    its place, which device_decode.py decodes on the Train worker), `label` int64, `shard` int32, the index of
+    the row's shard in `shards.uris`, and `index` int32, the row's position in its shard. `skip` (uri -> bitmap
+    by position) names samples a resumed epoch has accounted for already, which are dropped before decoding.
+    Train datasets read the shards in a seeded permutation per epoch (seed cfg.shuffle_seed + epoch) and
+    augment; eval datasets read them in the set's order with the deterministic centre crop.
+    `shuffle_files=False` reads a train dataset's shards in the set's order (the trainer plans a resumed
+    epoch's order itself). Bad samples are reported to `ledger` (ledger.RayLedger). The filesystem is resolved
+    here, from the locations, in whichever process builds the dataset."""
     fs, paths = shards.filesystem()
     shuffle = train if shuffle_files is None else shuffle_files
     # Ray fuses the read and the decode into one task per shard only if the read's blocks are not split

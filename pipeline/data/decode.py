@@ -1,15 +1,18 @@
-"""Bytes to pixels: decode one image straight into a resized crop, and parse one label.
+"""Bytes to pixels without torch: decode one image straight into a resized crop, and parse one label.
+
+Decode workers import only numpy, Pillow, simplejpeg and OpenCV: torch and torchvision cost a worker about
+470 MiB of private memory and 3-7 CPU-seconds to start (docs/benchmarks.md, "Ready for the GPUs").
 
 Only what the crop needs is decoded. The crop box is chosen from the header size (Pillow reads only the
 header on `Image.open`), then:
-- a JPEG whose box is at least twice the output size on both sides is decoded with Pillow's draft mode, which
-  lets libjpeg scale by 1/2, 1/4 or 1/8 in the DCT; the scale is the largest one that keeps the box at least
-  as large as the output, so no upsampling is introduced;
-- any other RGB or grayscale JPEG goes through `torchvision.io.decode_jpeg` (libjpeg-turbo, about 1.4x
-  Pillow's full decode here);
-- everything else (PNG, WebP, CMYK JPEG) goes through Pillow and `to_rgb`.
-The crop is then resized with `torch.nn.functional.interpolate` (bilinear, antialiased) on a channels-last
-uint8 view, about twice as fast as Pillow's resize on these machines.
+- an RGB or grayscale JPEG goes through simplejpeg (libjpeg-turbo: the same pixels as torchvision's
+  deprecated `decode_jpeg`, a little faster per core). When the box is at least twice the output size on both
+  sides, the decoder scales by 1/2, 1/4 or 1/8 in the DCT: the scale is the largest one that keeps the box at
+  least as large as the output, so no upsampling is introduced (Pillow's draft mode gives the same pixels);
+- everything else (PNG, WebP, CMYK JPEG) goes through Pillow, with the same DCT scale for JPEGs, and `to_rgb`.
+The crop is then resized by `resize_crop`: a triangle filter as wide as the downscale factor, then bilinear
+sampling (OpenCV). That is the antialiased bilinear of Pillow and torch to within about one grey level
+(PSNR 43 dB), at a fraction of Pillow's cost; `device_decode.py` runs the same two steps in torch.
 
 Failures raise `BadSample` with a reason from bad_samples.py; the caller counts them.
 """
@@ -18,27 +21,24 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 
+import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
+import simplejpeg
 from PIL import Image
 
-try:  # torchvision 0.29 deprecates its image codecs in favour of torchcodec; Pillow covers their absence
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                            category=DeprecationWarning)
-except ImportError:  # pragma: no cover - depends on the torchvision release
-    decode_jpeg = None
-
 from pipeline.data.bad_samples import BAD_LABEL, NO_IMAGE, TOO_MANY_PIXELS, UNDECODABLE, BadSample
+
+cv2.setNumThreads(1)  # one decode task per CPU: OpenCV's own thread pool would oversubscribe them
 
 Box = tuple[int, int, int, int]  # top, left, height, width in source pixels
 DRAFT_SCALES = (8, 4, 2)
 # What an alpha channel is composited onto: white, as the images were meant to be seen on a page.
 ALPHA_BACKGROUND = (255, 255, 255)
+# Pillow modes of the JPEGs that simplejpeg decodes to RGB exactly; CMYK and YCCK go through Pillow
+SIMPLEJPEG_MODES = ("RGB", "L")
 
 
 def open_image(data: bytes | None, max_image_pixels: int) -> Image.Image:
@@ -61,36 +61,35 @@ def open_image(data: bytes | None, max_image_pixels: int) -> Image.Image:
     return image
 
 
-def decode_resized_crop(data: bytes, image: Image.Image, box: Box, out_size: int) -> torch.Tensor:
-    """Decode `box` of an image opened by `open_image` and resize it to (3, out_size, out_size) uint8, in
-    channels-last memory (a (H, W, 3) buffer)."""
+def is_plain_jpeg(image: Image.Image) -> bool:
+    """An RGB or grayscale JPEG: what simplejpeg and nvJPEG decode to the same RGB as Pillow."""
+    return image.format == "JPEG" and image.mode in SIMPLEJPEG_MODES
+
+
+def decode_resized_crop(data: bytes, image: Image.Image, box: Box, out_size: int) -> np.ndarray:
+    """Decode `box` of an image opened by `open_image` and resize it to (out_size, out_size, 3) uint8."""
     top, left, height, width = box
     try:
-        draft = _draft_scale(image, height, width, out_size)
-        if draft > 1:
-            full_w, full_h = image.size
-            # Pillow picks the largest scale s with size // requested >= s; flooring makes that exactly `draft`.
-            image.draft(image.mode if image.mode in ("RGB", "L") else None,
-                        (max(1, full_w // draft), max(1, full_h // draft)))
-            sx, sy = image.width / full_w, image.height / full_h
-            top, left = int(top * sy), int(left * sx)
-            height, width = max(out_size, int(height * sy)), max(out_size, int(width * sx))
-            pixels = _hwc_tensor(to_rgb(image))
-        elif decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L"):
-            pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        draft = draft_scale(image, height, width, out_size)
+        full_w, full_h = image.size
+        if is_plain_jpeg(image):
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-full_h // draft),
+                                            min_width=-(-full_w // draft))
         else:
-            pixels = _hwc_tensor(to_rgb(image))
+            if draft > 1:
+                # Pillow picks the largest scale s with size // requested >= s; flooring makes that exactly `draft`
+                image.draft(None, (max(1, full_w // draft), max(1, full_h // draft)))
+            pixels = np.asarray(to_rgb(image))
     except Exception as e:  # truncated data, corrupt entropy coding, unsupported variants
         raise BadSample(UNDECODABLE, f"{type(e).__name__}: {e}") from e
-    crop = pixels[:, top: top + height, left: left + width].unsqueeze(0)
-    if crop.shape[-2:] != (out_size, out_size):
-        # channels_last uint8 takes torch's vectorised antialiasing kernel; contiguous CHW is ~2.5x slower
-        crop = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(out_size, out_size),
-                             mode="bilinear", antialias=True, align_corners=False)
-    return crop[0]  # channels-last strides: the caller's copy into its batch makes it CHW
+    if draft > 1:
+        sy, sx = pixels.shape[0] / full_h, pixels.shape[1] / full_w
+        top, left = int(top * sy), int(left * sx)
+        height, width = max(out_size, int(height * sy)), max(out_size, int(width * sx))
+    return resize_crop(pixels[top: top + height, left: left + width], out_size)
 
 
-def _draft_scale(image: Image.Image, height: int, width: int, out_size: int) -> int:
+def draft_scale(image: Image.Image, height: int, width: int, out_size: int) -> int:
     """Largest JPEG DCT scale that keeps the crop box >= out_size on both sides; 1 means decode in full."""
     if image.format != "JPEG":
         return 1
@@ -98,9 +97,24 @@ def _draft_scale(image: Image.Image, height: int, width: int, out_size: int) -> 
     return next((s for s in DRAFT_SCALES if s <= room), 1)
 
 
-def _hwc_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) uint8 view of an HWC buffer, i.e. channels-last memory."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+def triangle_taps(factor: float) -> np.ndarray:
+    """The normalised taps of antialiased bilinear for a downscale by `factor` (>= 1): a triangle of half-width
+    `factor` source pixels, sampled at whole-pixel offsets; (1,) when nothing is filtered."""
+    radius = max(0, math.ceil(factor) - 1)
+    taps = np.clip(1.0 - np.abs(np.arange(-radius, radius + 1, dtype=np.float64)) / max(factor, 1.0), 0.0, None)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def resize_crop(crop: np.ndarray, out_size: int) -> np.ndarray:
+    """(h, w, 3) uint8 -> (out_size, out_size, 3) uint8: triangle prefilter where the crop is downscaled, then
+    bilinear sampling at pixel centres (align_corners=False)."""
+    height, width = crop.shape[:2]
+    if (height, width) == (out_size, out_size):
+        return np.ascontiguousarray(crop)
+    if height > out_size or width > out_size:
+        crop = cv2.sepFilter2D(crop, -1, triangle_taps(width / out_size), triangle_taps(height / out_size),
+                               borderType=cv2.BORDER_REPLICATE)
+    return cv2.resize(crop, (out_size, out_size), interpolation=cv2.INTER_LINEAR)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

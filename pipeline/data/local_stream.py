@@ -1,9 +1,10 @@
 """The training and eval input path in one process, without Ray: the same tar reader, the same
-`transforms.decode_batch`, the same per-epoch shard order and bad-sample counting as the Ray Data tasks
-(datasets.py), for `LocalContext` (pipeline/train/context.py) and so for tests and debugging.
+`transforms.decode_batch` (or `prepare_batch`, for data.decode_device=gpu), the same per-epoch shard order
+and bad-sample counting as the Ray Data tasks (datasets.py), for `LocalContext` (pipeline/train/context.py)
+and so for tests and debugging.
 
 It reads the shards one after the other and decodes one block of `data.decode_batch_size` rows at a time;
-`iter_torch_batches` has the arguments of Ray Data's that the trainer uses.
+`iter_batches` and `iter_torch_batches` have the arguments of Ray Data's that the trainer uses.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from pipeline.config import DataConfig
 from pipeline.data.epochs import shard_order
 from pipeline.data.shard_set import ShardSet
 from pipeline.data.tar_reader import iter_tar_samples
-
-COLUMNS = ("image", "label", "shard", "index")
 
 
 class LocalImageStream:
@@ -39,7 +38,9 @@ class LocalImageStream:
         self.orders: list[list[str]] = []
 
     def _blocks(self) -> Iterator[dict[str, np.ndarray]]:
-        from pipeline.data.transforms import decode_batch
+        from pipeline.data.transforms import decode_batch, prepare_batch
+
+        stage = prepare_batch if self.cfg.decode_device == "gpu" else decode_batch
 
         fs, paths = self.shards.filesystem()
         order = list(range(len(paths)))
@@ -56,31 +57,33 @@ class LocalImageStream:
                 for row in iter_tar_samples(f, paths[i]):
                     rows.append(row)
                     if len(rows) == self.cfg.decode_batch_size:
-                        yield decode_batch(_columns(rows), **decode)
+                        yield stage(_columns(rows), **decode)
                         rows = []
                 if rows:
-                    yield decode_batch(_columns(rows), **decode)
+                    yield stage(_columns(rows), **decode)
 
-    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False,
-                           local_shuffle_buffer_size: int | None = None, prefetch_batches: int = 0,
-                           device: str | torch.device = "auto") -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of `batch_size` rows as tensors; with a shuffle buffer, each batch is drawn at random from
-        the buffered rows (seeded per execution). `prefetch_batches` is accepted and unused: one process."""
+    def iter_batches(self, *, batch_size: int, batch_format: str = "numpy", drop_last: bool = False,
+                     local_shuffle_buffer_size: int | None = None,
+                     prefetch_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of `batch_size` rows as numpy arrays; with a shuffle buffer, each batch is drawn at random
+        from the buffered rows (seeded per execution). `prefetch_batches` is accepted and unused: one process."""
+        if batch_format != "numpy":
+            raise ValueError(f"a local stream gives numpy batches, not {batch_format!r}")
         rng = np.random.default_rng(self.cfg.shuffle_seed + self.first_epoch + len(self.orders))
         keep = max(local_shuffle_buffer_size or 0, batch_size)
-        buffered = {name: [] for name in COLUMNS}
+        buffered: dict[str, list[np.ndarray]] = {}
         held = 0
         for block in self._blocks():
-            for name in COLUMNS:
-                buffered[name].append(block[name])
+            for name, column in block.items():
+                buffered.setdefault(name, []).append(column)
             held += len(block["label"])
             while held >= keep + (batch_size if local_shuffle_buffer_size else 0):
                 rows = _merge(buffered)
                 take = rng.choice(held, batch_size, replace=False) if local_shuffle_buffer_size else \
                     np.arange(batch_size)
                 rest = np.setdiff1d(np.arange(held), take)
-                yield _tensors(rows, take, device)
-                buffered = {name: [rows[name][rest]] for name in COLUMNS}
+                yield {name: column[take] for name, column in rows.items()}
+                buffered = {name: [column[rest]] for name, column in rows.items()}
                 held -= batch_size
         rows = _merge(buffered)
         rest = rng.permutation(held) if local_shuffle_buffer_size else np.arange(held)
@@ -88,7 +91,16 @@ class LocalImageStream:
             take = rest[start:start + batch_size]
             if len(take) < batch_size and drop_last:
                 break
-            yield _tensors(rows, take, device)
+            yield {name: column[take] for name, column in rows.items()}
+
+    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False,
+                           local_shuffle_buffer_size: int | None = None, prefetch_batches: int = 0,
+                           device: str | torch.device = "auto") -> Iterator[dict[str, torch.Tensor]]:
+        """`iter_batches` as tensors, on `device` unless it is "auto"."""
+        for rows in self.iter_batches(batch_size=batch_size, drop_last=drop_last,
+                                      local_shuffle_buffer_size=local_shuffle_buffer_size):
+            batch = {name: torch.from_numpy(np.ascontiguousarray(column)) for name, column in rows.items()}
+            yield batch if device == "auto" else {name: value.to(device) for name, value in batch.items()}
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -96,11 +108,4 @@ def _columns(rows: list[dict]) -> dict[str, list]:
 
 
 def _merge(buffered: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in buffered.items()}
-
-
-def _tensors(rows: dict[str, np.ndarray], take: np.ndarray, device) -> dict[str, torch.Tensor]:
-    batch = {name: torch.from_numpy(np.ascontiguousarray(rows[name][take])) for name in COLUMNS}
-    if device != "auto":
-        batch = {name: value.to(device) for name, value in batch.items()}
-    return batch
+    return {name: np.concatenate(parts) for name, parts in buffered.items()}

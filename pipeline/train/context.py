@@ -121,9 +121,11 @@ class LocalContext:
     def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
                      equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0,
                      skip: dict | None = None):
+        from pipeline.data.device_decode import on_device
         from pipeline.data.local_stream import LocalImageStream
 
         stream = LocalImageStream(shards, cfg, train=train, num_classes=num_classes, ledger=ledger,
                                   shuffle_files=shuffle_files, first_epoch=first_epoch, skip=skip)
         self.streams.append(stream)
-        return stream
+        return on_device(stream, cfg, train=train, ledger=ledger, local_rank=self.local_rank,
+                         shard_uris=shards.uris)

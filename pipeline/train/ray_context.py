@@ -139,7 +139,10 @@ class RayTrainContext:
                      equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0,
                      skip: dict | None = None):
         """Rank 0 builds the dataset and splits it into `world_size` streams (`equal`: trimmed to the same
-        row count); every rank gets its own. A collective."""
+        row count); every rank gets its own, which it decodes itself with data.decode_device=gpu. A
+        collective."""
+        from pipeline.data.device_decode import on_device
+
         splits = None
         if self.rank == 0:
             from pipeline.data.datasets import build_image_dataset
@@ -147,7 +150,8 @@ class RayTrainContext:
             dataset = build_image_dataset(shards, cfg, train=train, num_classes=num_classes, ledger=ledger,
                                           shuffle_files=shuffle_files, first_epoch=first_epoch, skip=skip)
             splits = dataset.streaming_split(self.world_size, equal=equal)
-        return self._broadcast(splits)[self.rank]
+        return on_device(self._broadcast(splits)[self.rank], cfg, train=train, ledger=ledger,
+                         local_rank=self.local_rank, shard_uris=shards.uris)
 
     def _broadcast(self, value):
         if self.world_size == 1:

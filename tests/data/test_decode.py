@@ -1,4 +1,4 @@
-"""Decoding to RGB from every Pillow mode, draft-mode decoding, pixel limits and label parsing."""
+"""Decoding to RGB from every Pillow mode, DCT-scaled decoding, the resize, pixel limits and label parsing."""
 
 import io
 import json
@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.bad_samples import BAD_LABEL, NO_IMAGE, TOO_MANY_PIXELS, UNDECODABLE, BadSample
-from pipeline.data.decode import _draft_scale, decode_resized_crop, open_image, parse_label, to_rgb
+from pipeline.data.decode import decode_resized_crop, draft_scale, open_image, parse_label, resize_crop, to_rgb
 
 
 def saved(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -22,7 +23,7 @@ def full_decode(data: bytes, out_size: int) -> np.ndarray:
     """Whole image, no crop: (H, W, 3) uint8 after decode_resized_crop at the image's own size."""
     image = open_image(data, 10**9)
     box = (0, 0, image.height, image.width)
-    return decode_resized_crop(data, image, box, out_size).permute(1, 2, 0).numpy()
+    return decode_resized_crop(data, image, box, out_size)
 
 
 def test_cmyk_jpeg_becomes_the_rgb_it_was_made_from():
@@ -77,19 +78,51 @@ def test_16_bit_png_is_scaled_not_clipped():
     assert (out[..., 0] == out[..., 2]).all()
 
 
-def test_draft_mode_decodes_a_small_crop_of_a_large_jpeg_at_reduced_scale(tars):
+@pytest.mark.parametrize("mode", ["RGB", "CMYK"])  # simplejpeg's scaled decode, and Pillow's draft mode
+def test_a_small_crop_of_a_large_jpeg_is_decoded_at_reduced_scale(tars, mode):
     data = tars.image_bytes(1600, 1200, quality=90)
+    if mode == "CMYK":
+        data = saved(Image.open(io.BytesIO(data)).convert("CMYK"), "JPEG", quality=95)
     image = open_image(data, 10**9)
     box = (100, 200, 900, 900)  # 900 px box to a 224 px output: 1/4 scale keeps the box >= 224
-    assert _draft_scale(image, 900, 900, 224) == 4
+    assert draft_scale(image, 900, 900, 224) == 4
     drafted = decode_resized_crop(data, image, box, 224)
-    assert image.size == (400, 300)  # the decoder really ran at 1/4
     full = Image.open(io.BytesIO(data)).convert("RGB")
     reference = full.resize((224, 224), Image.BILINEAR, box=(200, 100, 1100, 1000))
-    diff = np.abs(drafted.permute(1, 2, 0).numpy().astype(int) - np.asarray(reference).astype(int))
-    assert drafted.dtype == torch.uint8 and drafted.shape == (3, 224, 224)
+    diff = np.abs(drafted.astype(int) - np.asarray(reference).astype(int))
+    assert drafted.dtype == np.uint8 and drafted.shape == (224, 224, 3)
     assert diff.mean() < 3.0
-    assert _draft_scale(open_image(data, 10**9), 300, 300, 224) == 1  # a box this small needs every pixel
+    assert draft_scale(open_image(data, 10**9), 300, 300, 224) == 1  # a box this small needs every pixel
+
+
+def test_a_plain_jpeg_decodes_to_the_same_pixels_as_pillow_and_torchcodec(tars):
+    from torchcodec.decoders import decode_jpeg
+
+    data = tars.image_bytes(256, 256, quality=90)
+    ours = decode_resized_crop(data, open_image(data, 10**9), (0, 0, 256, 256), 256)  # no resize
+    assert np.array_equal(ours, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    assert np.array_equal(ours, decode_jpeg(data).permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize(("height", "width"), [(300, 330), (224, 500), (90, 120), (1000, 700), (224, 224)])
+def test_resize_is_antialiased_bilinear_within_two_grey_levels_on_average(height, width):
+    """Against torch's antialiased bilinear (Pillow's filter) on a photo: a triangle prefilter then bilinear
+    sampling."""
+    from sklearn.datasets import load_sample_images
+
+    photo = Image.fromarray(load_sample_images().images[0])  # 640 x 427
+    crop = np.asarray(photo.resize((width, height), Image.BICUBIC) if height > 427 else photo)[:height, :width]
+    crop = np.array(crop)
+    ours = resize_crop(crop, 224)
+    reference = F.interpolate(torch.from_numpy(crop).permute(2, 0, 1)[None].float(), size=(224, 224),
+                              mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255)
+    diff = np.abs(ours.astype(float) - reference.permute(1, 2, 0).numpy())
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
+    if (height, width) == (224, 224):
+        assert diff.max() == 0
+    else:
+        assert diff.mean() < 2.0, diff.mean()  # 0.7 on average over random crops of both photos
+        assert 10 * np.log10(255**2 / np.mean(diff**2)) > 35.0
 
 
 def test_missing_empty_and_garbage_images_are_bad_samples(tars):

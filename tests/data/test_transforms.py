@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
-from pipeline.data.transforms import ImageTransform, center_box, decode_batch
+from pipeline.data.transforms import ImageTransform, center_box, decode_batch, random_resized_crop_box
 
 
 def batch_of(records: list[dict]) -> dict[str, np.ndarray]:
@@ -69,18 +69,52 @@ def test_flip_mirrors_the_same_crop(tars):
     crops = {}
     for p in (0.0, 1.0):
         transform = ImageTransform(DataConfig(img_size=40, hflip=p), train=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(5)
-            crops[p] = transform(data)
-    assert torch.equal(crops[1.0], crops[0.0].flip(-1))
+        crops[p] = transform(data, np.random.default_rng(5))
+    assert np.array_equal(crops[1.0], crops[0.0][:, ::-1])
 
 
 def test_crop_box_respects_rrc_scale(tars):
     transform = ImageTransform(DataConfig(img_size=32, rrc_scale=(0.25, 0.25), rrc_ratio=(1.0, 1.0)), train=True)
     image = Image.open(io.BytesIO(tars.image_bytes(200, 100)))
-    top, left, height, width = transform.box(image)
+    (top, left, height, width), flip = transform.plan(image, np.random.default_rng(0))
     assert (height, width) == (71, 71)  # sqrt(0.25 * 200 * 100) rounded
     assert 0 <= top <= 100 - 71 and 0 <= left <= 200 - 71
+
+
+def test_crop_boxes_follow_torchvisions_random_resized_crop():
+    """The numpy port draws from the same distribution as torchvision's, and falls back the same way."""
+    rng = np.random.default_rng(0)
+    boxes = np.array([random_resized_crop_box(500, 375, (0.08, 1.0), (3 / 4, 4 / 3), rng) for _ in range(4000)])
+    theirs = np.array([list(v2.RandomResizedCrop.get_params(torch.empty(3, 375, 500), [0.08, 1.0], [3 / 4, 4 / 3]))
+                       for _ in range(4000)])
+    for name, column in (("area", lambda b: b[:, 2] * b[:, 3] / (500 * 375)), ("ratio", lambda b: b[:, 3] / b[:, 2]),
+                         ("top", lambda b: b[:, 0] / (375 - b[:, 2] + 1)), ("left", lambda b: b[:, 1] / (500 - b[:, 3] + 1))):
+        ours_q, theirs_q = np.quantile(column(boxes), [0.1, 0.5, 0.9]), np.quantile(column(theirs), [0.1, 0.5, 0.9])
+        assert np.allclose(ours_q, theirs_q, rtol=0.08, atol=0.02), (name, ours_q, theirs_q)
+    assert ((boxes[:, 0] >= 0) & (boxes[:, 0] + boxes[:, 2] <= 375) & (boxes[:, 1] + boxes[:, 3] <= 500)).all()
+    # no draw fits a 1000 x 10 strip at a square ratio: both take the centred square of its height
+    fallback = random_resized_crop_box(1000, 10, (0.9, 1.0), (1.0, 1.0), rng)
+    assert fallback == tuple(v2.RandomResizedCrop.get_params(torch.empty(3, 10, 1000), [0.9, 1.0], [1.0, 1.0]))
+    assert fallback == (0, 495, 10, 10)
+
+
+def test_decode_stage_imports_no_torch_unless_randaugment_needs_it(tars):
+    """A decode worker's imports: numpy, Pillow, simplejpeg and OpenCV, not torch (about 470 MiB a worker)."""
+    import subprocess
+    import sys
+
+    data = tars.image_bytes(120, 90)
+    code = (f"import sys, numpy as np; from pipeline.config import DataConfig; import pipeline.data.datasets; "
+            f"from pipeline.data.transforms import decode_batch; "
+            f"batch = {{'__key__': np.array(['a'], dtype=object), '__url__': np.array(['x.tar'], dtype=object), "
+            f"'__index__': np.array([0]), 'image': np.array([{data!r}], dtype=object), "
+            f"'cls': np.array([b'1'], dtype=object), 'json': np.array([None], dtype=object), "
+            f"'read_error': np.array([None], dtype=object)}}; "
+            f"out = decode_batch(batch, cfg=DataConfig(img_size=32, randaugment_num_ops=int(sys.argv[1])), "
+            f"train=True, num_classes=3); print(out['image'].shape, 'torch' in sys.modules)")
+    for ops, imported in ((0, False), (2, True)):
+        printed = subprocess.run([sys.executable, "-c", code, str(ops)], capture_output=True, text=True, check=True)
+        assert printed.stdout.split() == ["(1,", "3,", "32,", "32)", str(imported)], printed.stdout + printed.stderr
 
 
 def test_rows_carry_their_shard_and_position_and_a_resume_skips_what_was_accounted_for(batch):

@@ -11,8 +11,8 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.bad_samples import UNDECODABLE, LocalLedger
-from pipeline.data.device_decode import DeviceDecoder, resize_crop
 from pipeline.data.decode import resize_crop as cpu_resize_crop
+from pipeline.data.device_decode import DeviceDecoder, resize_crop
 from pipeline.data.transforms import DECODED_PIXELS, ENCODED_JPEG, decode_batch, prepare_batch
 
 URL = "/shards/train-000000.tar"

@@ -87,8 +87,9 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop():
     boxes = np.array([random_resized_crop_box(500, 375, (0.08, 1.0), (3 / 4, 4 / 3), rng) for _ in range(4000)])
     theirs = np.array([list(v2.RandomResizedCrop.get_params(torch.empty(3, 375, 500), [0.08, 1.0], [3 / 4, 4 / 3]))
                        for _ in range(4000)])
-    for name, column in (("area", lambda b: b[:, 2] * b[:, 3] / (500 * 375)), ("ratio", lambda b: b[:, 3] / b[:, 2]),
-                         ("top", lambda b: b[:, 0] / (375 - b[:, 2] + 1)), ("left", lambda b: b[:, 1] / (500 - b[:, 3] + 1))):
+    columns = {"area": lambda b: b[:, 2] * b[:, 3] / (500 * 375), "ratio": lambda b: b[:, 3] / b[:, 2],
+               "top": lambda b: b[:, 0] / (375 - b[:, 2] + 1), "left": lambda b: b[:, 1] / (500 - b[:, 3] + 1)}
+    for name, column in columns.items():
         ours_q, theirs_q = np.quantile(column(boxes), [0.1, 0.5, 0.9]), np.quantile(column(theirs), [0.1, 0.5, 0.9])
         assert np.allclose(ours_q, theirs_q, rtol=0.08, atol=0.02), (name, ours_q, theirs_q)
     assert ((boxes[:, 0] >= 0) & (boxes[:, 0] + boxes[:, 2] <= 375) & (boxes[:, 1] + boxes[:, 3] <= 500)).all()

@@ -2,6 +2,7 @@
 
     python jobs/benchmark.py model --preset vit_small_patch16_224 --img-size 224 --batch-size 8
     python jobs/benchmark.py data
+    python jobs/benchmark.py decode       # decoders per core, decode workers' memory and start, GPU decode
     python jobs/benchmark.py storage      # S3 endpoint against local disk (a moto server on 127.0.0.1 by default)
     python jobs/benchmark.py index
     python jobs/benchmark.py resume       # checkpoint save time with the sample-exact data position
@@ -19,6 +20,7 @@ import sys
 SUITES = {
     "model": ("model_speed", "forward+backward step time of our ViT against timm's, side by side"),
     "data": ("data_speed", "images/s of the Ray Data pipeline against webdataset's loader and a bare loop"),
+    "decode": ("decode_speed", "decoders per core on the same crops, decode workers' memory and start, GPU decode"),
     "train": ("train_speed", "Ray Train + DeepSpeed step against plain torch, per-rank ZeRO state bytes, GPU MFU"),
     "storage": ("storage_speed", "images/s from shards on an S3 endpoint against the same shards on local disk"),
     "index": ("index_speed", "indexing 2,000 shards on an S3 endpoint, with and without img2dataset's stats"),

@@ -7,6 +7,7 @@
     python jobs/benchmark.py index
     python jobs/benchmark.py resume       # checkpoint save time with the sample-exact data position
     python jobs/benchmark.py tracking     # MLflow requests of a training run, by thread
+    python jobs/benchmark.py gpu          # one GPU + 16 cores, under 8 min: step MFU, GPU decode, data, scaling
 
 Each suite prints a markdown table with the command, machine and date; copy it into docs/benchmarks.md.
 `python jobs/benchmark.py SUITE --help` lists a suite's options.
@@ -25,6 +26,7 @@ SUITES = {
     "storage": ("storage_speed", "images/s from shards on an S3 endpoint against the same shards on local disk"),
     "index": ("index_speed", "indexing 2,000 shards on an S3 endpoint, with and without img2dataset's stats"),
     "resume": ("resume_speed", "checkpoint save time with the sample-exact data position, 10,000 shards x 1,250"),
+    "gpu": ("gpu_suite", "the GPU machine's figures in one table: bf16 step MFU, GPU decode, data ratios, scaling"),
     "tracking": ("tracking_calls", "MLflow requests of a training run by thread: none per step on the training one"),
 }
 

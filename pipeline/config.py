@@ -177,6 +177,8 @@ class TrainConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1, 2 or 3
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
+    compile: bool = False  # torch.compile the model in place (DeepSpeed's engine.compile; state_dict keys unchanged)
+    peak_tflops: float = 0.0  # one device's peak dense TFLOP/s for train/mfu; 0 looks the GPU up in a table
     eval_every_n_steps: int = 100  # 0 evaluates only at the end
     checkpoint_every_n_steps: int = 100  # 0 checkpoints only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept in storage
@@ -233,6 +235,8 @@ class TrainConfig:
             (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
             (not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer needs zero_stage >= 1"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be 'auto', 'bf16' or 'fp32'"),
+            (isinstance(self.compile, bool), "compile must be true or false"),
+            (self.peak_tflops >= 0, "peak_tflops must be >= 0 (0 looks the GPU up in a table of known cards)"),
             (min(self.eval_every_n_steps, self.checkpoint_every_n_steps) >= 0, "every_n_steps values must be >= 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.log_every_n_steps >= 1, "log_every_n_steps must be >= 1"),

@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-img-size", type=int, default=224, help="gpu mode: input size in pixels")
     parser.add_argument("--gpu-batch-size", type=int, default=256, help="gpu mode: images per step on the one GPU")
     parser.add_argument("--gpu-zero-stage", type=int, default=2, help="gpu mode: ZeRO stage")
+    parser.add_argument("--gpu-compile", action="store_true",
+                        help="gpu mode: compile the model (train.compile=true); the warm-up then holds the compile")
     parser.add_argument("--gpu-warmup", type=int, default=10, help="gpu mode: untimed steps")
     parser.add_argument("--gpu-steps", type=int, default=30, help="gpu mode: timed steps")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
                 results["memory"] = summarise_memory(per_rank)
                 print_memory(args, results["memory"], per_rank)
             if "gpu" in modes:
-                results["gpu"] = measure_gpu(args, storage_path)
+                results["gpu"] = measure_gpu(args, storage_path, compile=args.gpu_compile)
                 print_gpu(args, results["gpu"])
     finally:
         if owns_ray:

@@ -6,12 +6,14 @@ runs exactly `train.steps` optimizer steps and calls every collective (eval, che
 steps, so no rank waits on another that has stopped. Functions that are collectives say so in their names.
 """
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import torch
@@ -36,6 +38,7 @@ from pipeline.train.context import TrainContext
 from pipeline.train.ema import WeightEMA
 from pipeline.train.evaluate import evaluate_collective
 from pipeline.train.feed import TrainFeed
+from pipeline.train.flops import achieved_flops, device_peak_flops, model_flops_per_image
 from pipeline.train.inputs import InputPipeline
 from pipeline.train.resolved_job import ResolvedJob
 
@@ -78,8 +81,10 @@ def build_engine(job: JobConfig, model_args: dict, world_size: int, device: torc
     if device.type == "cpu":
         use_cpu_deepspeed()
     import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
 
     from pipeline.model import VisionTransformer
+    from pipeline.model.vit import Block
     from pipeline.train.deepspeed_config import build_deepspeed_config
     from pipeline.train.optim import build_optimizer, build_scheduler
 
@@ -89,6 +94,10 @@ def build_engine(job: JobConfig, model_args: dict, world_size: int, device: torc
         load_into_model(model, init_state, reset_head=reset_head)
     model.set_grad_checkpointing(job.model.grad_checkpointing)
     model.to(device)
+    if job.train.compile and job.train.zero_stage == 3:
+        # ZeRO-3 gathers parameters in hooks around every module that holds some, and each hook breaks the graph;
+        # with the blocks as its "leaf" modules it gathers a block's parameters on entry and each block compiles whole
+        set_z3_leaf_modules(model, [Block])
     optim = job.optim
     optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
                                 eps=optim.eps, layer_decay=optim.layer_decay, fused=device.type == "cuda")
@@ -103,7 +112,29 @@ def build_engine(job: JobConfig, model_args: dict, world_size: int, device: torc
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     use_weights_only_loading(engine)
+    if job.train.compile:
+        compile_engine(engine)
     return engine, (torch.bfloat16 if bf16 else torch.float32)
+
+
+def compile_engine(engine) -> None:
+    """torch.compile the engine's module in place: DeepSpeed's `engine.compile` calls `nn.Module.compile` with the
+    accelerator's backend (inductor on CUDA and on the CPU), so the module, its state_dict keys and every checkpoint
+    stay those of the eager model, and a checkpoint loads either way. The first forward and backward compile. Under
+    ZeRO-3 the graph breaks at DeepSpeed's parameter gathers, around each block (build_engine makes the blocks
+    ZeRO-3 leaf modules) and the modules outside them: the model compiles block by block."""
+    engine.compile()
+
+
+@contextlib.contextmanager
+def eager_forward(engine) -> Iterator[None]:
+    """Inside the block a compiled engine's module runs eager: for eval, whose batch sizes (the last partial batch,
+    ZeRO-3's one-image padding), no-grad mode and eval mode would each compile graphs of their own."""
+    if not getattr(engine, "is_compiled", False):
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def train_step(engine, images: torch.Tensor, targets: torch.Tensor, *, micro_batch: int, accum: int,
@@ -121,11 +152,16 @@ def train_step(engine, images: torch.Tensor, targets: torch.Tensor, *, micro_bat
 
 
 class Progress:
-    """Rolling step timings for the step line and the rate metrics."""
+    """Rolling step timings for the step line and the rate metrics: images/s of the job, TFLOP/s per device from
+    the forward FLOPs per image (pipeline/train/flops.py), and MFU when the device's peak is known."""
 
-    def __init__(self, total_steps: int, start_step: int, images_per_step: int):
+    def __init__(self, total_steps: int, start_step: int, images_per_step: int, *, forward_flops_per_image: float = 0.0,
+                 world_size: int = 1, peak_flops_per_s: float | None = None):
         self.total_steps = total_steps
         self.images_per_step = images_per_step
+        self.forward_flops_per_image = forward_flops_per_image
+        self.world_size = world_size
+        self.peak_flops_per_s = peak_flops_per_s
         self.window_start = time.perf_counter()
         self.window_steps = 0
         self.window_data_wait_s = 0.0
@@ -154,9 +190,18 @@ class Progress:
             "train/step_time_s": (elapsed_s - self.window_data_wait_s) / steps,
             "train/data_wait_s": self.window_data_wait_s / steps,
         }
+        rates = ""
+        if self.forward_flops_per_image:
+            device_flops = achieved_flops(self.forward_flops_per_image,
+                                          metrics["train/images_per_s"] / self.world_size)
+            metrics["train/tflops"] = device_flops / 1e12  # per device: what one card's peak compares with
+            rates = f" | {metrics['train/tflops']:.3g} TFLOP/s/device"
+            if self.peak_flops_per_s:
+                metrics["train/mfu"] = device_flops / self.peak_flops_per_s
+                rates += f" | MFU {100 * metrics['train/mfu']:.1f}%"
         eta_s = (now - self.run_start) / max(step - self.start_step, 1) * (self.total_steps - step)
         line = (f"step {step}/{self.total_steps} | loss {metrics['train/loss']:.3f} | lr {lr:.2e} | "
-                f"{metrics['train/images_per_s']:.0f} img/s | data wait "
+                f"{metrics['train/images_per_s']:.0f} img/s{rates} | data wait "
                 f"{100 * self.window_data_wait_s / elapsed_s:.0f}% | eta {format_duration(eta_s)}")
         self.window_start, self.window_steps, self.window_data_wait_s, self.losses = now, 0, 0.0, []
         return metrics, line
@@ -227,7 +272,16 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
                                  start_step=state.step, carried=state.job_run_metrics, model_params=run.model_params(),
                                  val_dataset=dataset_key(run.val_shards) if run.val_shards else None,
                                  resumed_location=storage.to_uri(run.storage_path, stored_at) if stored_at else None)
-    progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size)
+    peak, device_name = device_peak_flops(device, train_cfg.peak_tflops)
+    if rank == 0 and device.type == "cuda" and peak is None:
+        log.warning("no peak bf16 FLOP/s known for %r: train/mfu is not logged; set train.peak_tflops to the card's "
+                    "dense bf16 peak to have it", device_name)
+    if rank == 0 and train_cfg.compile:
+        log.info("train.compile: the model is compiled with torch.compile (%s); the first step compiles it",
+                 "block by block, between ZeRO-3's parameter gathers" if train_cfg.zero_stage == 3 else "one graph")
+    progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size,
+                        forward_flops_per_image=model_flops_per_image(run.model_args), world_size=world_size,
+                        peak_flops_per_s=peak)
     batches = feed.epochs(state.epoch_record())
     sample_log = open_sample_log_collective(rank, world_size, ctx.cpu_group)
     last_val: dict[str, float] = {}
@@ -349,9 +403,10 @@ def validate_collective(engine, ema: WeightEMA | None, val_stream, inputs: Input
                         world_size: int, img_size: int) -> dict[str, float]:
     """val/* of the raw weights and, with an EMA, val_ema/* of the averaged ones (a collective)."""
     kwargs = {"batch_size": batch_size, "world_size": world_size, "image_shape": (3, img_size, img_size)}
-    metrics = evaluate_collective(engine, val_stream, inputs, **kwargs)
+    with eager_forward(engine):
+        metrics = evaluate_collective(engine, val_stream, inputs, **kwargs)
     if ema is not None:
-        with ema.applied():
+        with ema.applied(), eager_forward(engine):
             averaged = evaluate_collective(engine, val_stream, inputs, **kwargs)
         metrics.update({key.replace("val/", "val_ema/"): value for key, value in averaged.items()})
     return metrics

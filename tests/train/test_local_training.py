@@ -70,14 +70,18 @@ def assert_ema_step(previous: dict, now_weights: dict, now_ema: dict, decay: flo
         np.testing.assert_allclose(value, decay * previous[key] + (1 - decay) * now_weights[key], rtol=0, atol=1e-6)
 
 
-def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_and_the_ema(tars, tmp_path):
+# gpu: the decode tasks only draw crops, and the trainer decodes (on its CPU here), with the same resume
+@pytest.mark.parametrize("decode_device", ["cpu", "gpu"])
+def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_and_the_ema(tars, tmp_path,
+                                                                                           decode_device):
     uris = write_shards(tars)
     folder = tars.folder / "s"
     common = [f"data.train={folder}/train-*.tar", f"data.val={folder}/val-*.tar", "data.img_size=16",
               "data.local_shuffle_buffer=8", "data.decode_batch_size=4", f"data.shuffle_seed={SEED}",
               "model.args={depth: 1}", "train.num_workers=1", f"train.global_batch_size={BATCH}", "train.steps=24",
               "train.checkpoint_every_n_steps=1", "train.eval_every_n_steps=12", "train.log_every_n_steps=1",
-              "optim.warmup_steps=2", "finetune.ema_decay=0.5", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+              "optim.warmup_steps=2", "finetune.ema_decay=0.5", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+              f"data.decode_device={decode_device}"]
     # stops mid-shard with rows in the shuffle buffer (5, 11), just past an epoch boundary (17), and the end
     stops = [5, 11, 17, 24]
     starts = [0, *stops[:-1]]

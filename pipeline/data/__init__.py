@@ -5,6 +5,8 @@
     read_shard_set (shard_set): a spec's shards (shard_specs), their counts and classes, read once on the driver
     plan_epoch, SampleTally (epochs): an epoch's shard order and step count, the samples trained on for a resume
     build_image_dataset (datasets) = WebDatasetShards (tar_reader) ─► map_batches(decode_batch) (transforms, decode)
+    on_device (device_decode): with data.decode_device=gpu the tasks only prepare rows, and each Train worker
+        decodes its JPEGs on its GPU
     LocalImageStream (local_stream): the same rows and decode in one process, without Ray
     WorkerBatches (worker_batches): exactly the epoch's step count of batches per Train worker
     LocalLedger (bad_samples), RayLedger (ledger): skipped samples counted, and fatal above data.max_bad_fraction

@@ -52,6 +52,8 @@ class DeviceDecoder:
         self.shard_uris = shard_uris  # index -> uri, for the examples of a bad-sample report
         self.randaugment = RandAugment(cfg) if train and cfg.randaugment_num_ops > 0 else None
         self.rng = np.random.default_rng()
+        if device.type == "cuda":
+            check_device_decoding(device)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         size = self.img_size
@@ -114,6 +116,23 @@ class DeviceDecoder:
         if "shard" not in rows or self.shard_uris is None:
             return f"row {i}"
         return f"{posixpath.basename(self.shard_uris[int(rows['shard'][i])])}#{int(rows['index'][i])}"
+
+
+def check_device_decoding(device: torch.device) -> None:
+    """Raise a clear error when TorchCodec cannot decode a JPEG on `device` (a build without CUDA, say), before
+    every image of the run is counted as bad."""
+    import io
+
+    from PIL import Image
+    from torchcodec.decoders import decode_jpeg
+
+    probe = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(probe, format="JPEG")
+    try:
+        decode_jpeg([probe.getvalue()], mode="RGB", device=device)
+    except Exception as e:
+        raise RuntimeError(f"data.decode_device=gpu: TorchCodec cannot decode JPEGs on {device} ({e}); install the "
+                           f"torchcodec build for this torch and CUDA, or set data.decode_device=cpu") from e
 
 
 def resize_crop(crop: torch.Tensor, out_size: int) -> torch.Tensor:

@@ -16,10 +16,11 @@ decoders
 
 workers
     A decode worker's private memory (USS; PSS and RSS beside it) after one epoch of the Ray Data pipeline, in a
-    fresh local Ray, read from the worker processes themselves (`ray::IDLE` once their tasks end); whether
-    torch's library is mapped into them; and the CPU-seconds a fresh interpreter that has imported Ray Data
-    spends to import the decode stage and decode its first batch. With the default transforms, and with
-    RandAugment (the one transform that imports torch), side by side.
+    fresh local Ray, read from the worker processes themselves (`ray::IDLE` once their tasks end, with pyarrow
+    mapped: they ran Ray Data tasks); whether torch's library is mapped into them; Ray Data's own floor (the
+    same workers after an identity map of as many rows); and the CPU-seconds a fresh interpreter that has
+    imported Ray Data spends to import the decode stage and decode its first batch. With the default
+    transforms, and with RandAugment (the one transform that imports torch), side by side.
 
 device
     `device_decode.DeviceDecoder` on batches of --batch-size prepared rows: images/s of decode + crop + resize +
@@ -194,8 +195,11 @@ def measure_decoders(args: argparse.Namespace) -> dict:
         mse = np.mean((np.asarray(out, dtype=np.float64) - reference) ** 2)
         psnr[name] = float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
     per_core = {name: statistics.median(v) for name, v in samples.items()}
-    # per-round ratios against the previous path: robust to a busy spell on the shared cores
-    paired = {name: statistics.median(x / y for x, y in zip(v, samples[first], strict=True))
+    # per-round ratios against the previous path of the same kind (task path, or decode + resize only): robust
+    # to a busy spell on the shared cores
+    baseline = {name: first if not name.startswith("decode + resize only") else "decode + resize only, previous"
+                for name in fns}
+    paired = {name: statistics.median(x / y for x, y in zip(v, samples[baseline[name]], strict=True))
               for name, v in samples.items()}
     return {"per_core": per_core, "paired": paired, "psnr": psnr}
 
@@ -203,7 +207,7 @@ def measure_decoders(args: argparse.Namespace) -> dict:
 def print_decoders(args: argparse.Namespace, result: dict) -> None:
     print(f"\n### Decoders per core: {args.num_images} of the data benchmark's JPEGs, the same RandomResizedCrop "
           f"box each, to {args.img_size} px; {args.rounds} rounds, medians")
-    print("| per image | images/s per core | ÷ previous task path (per-round) | PSNR vs previous decode + resize |")
+    print("| per image | images/s per core | ÷ previous of its kind (per-round) | PSNR vs previous decode + resize |")
     print("|---|---|---|---|")
     for name, speed in result["per_core"].items():
         psnr = result["psnr"].get(name)
@@ -225,17 +229,22 @@ def worker_processes(root_pid: int) -> list:
     return out
 
 
-def _maps_torch(pid: int) -> bool:
+def _maps(pid: int, library: str) -> bool:
+    """Whether the process has `library` mapped."""
     try:
         with open(f"/proc/{pid}/maps") as f:
-            return any("libtorch_cpu" in line for line in f)
+            return any(library in line for line in f)
     except OSError:
         return False
 
 
+def _identity_rows(batch: dict) -> dict:
+    return {"image": np.zeros((len(batch["id"]), 3, 224, 224), dtype=np.uint8)}
+
+
 def _epoch_workers(shards: list[str], img_size: int, randaugment: int, ray_cpus: int) -> None:
-    """In a fresh process: one epoch of the pipeline on a fresh local Ray, then its idle task workers' memory,
-    printed as one JSON line."""
+    """In a fresh process: one epoch of the pipeline on a fresh local Ray (randaugment < 0: Ray Data's own floor,
+    an identity map of as many 224 px rows), then its idle task workers' memory, printed as one JSON line."""
     import json
 
     import ray
@@ -245,13 +254,20 @@ def _epoch_workers(shards: list[str], img_size: int, randaugment: int, ray_cpus:
 
     ray.init(num_cpus=ray_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = DataConfig(img_size=img_size, randaugment_num_ops=randaugment)
-    _iterate(train_dataset(shards, cfg).iter_torch_batches(batch_size=32, device="cpu"))
+    if randaugment < 0:
+        rows = ray.data.range(50 * len(shards), override_num_blocks=len(shards)).map_batches(_identity_rows,
+                                                                                           batch_size=None)
+        _iterate(rows.iter_torch_batches(batch_size=32, device="cpu"))
+    else:
+        cfg = DataConfig(img_size=img_size, randaugment_num_ops=randaugment)
+        _iterate(train_dataset(shards, cfg).iter_torch_batches(batch_size=32, device="cpu"))
     time.sleep(1.0)  # the tasks' workers report IDLE once their last task has returned
     rows = []
     for proc in worker_processes(os.getpid()):
+        if not _maps(proc.pid, "libarrow"):  # a worker Ray started that ran no Ray Data task
+            continue
         info = proc.memory_full_info()
-        rows.append({"uss": info.uss, "pss": info.pss, "rss": info.rss, "torch": _maps_torch(proc.pid)})
+        rows.append({"uss": info.uss, "pss": info.pss, "rss": info.rss, "torch": _maps(proc.pid, "libtorch_cpu")})
     print(json.dumps(rows))
     ray.shutdown()
 
@@ -287,7 +303,8 @@ def measure_workers(args: argparse.Namespace, workdir: str) -> dict:
 
     shards = build_bench_shards(os.path.join(workdir, "shards"), args.worker_images, 50, args.seed)
     out = {}
-    for label, ops in (("default transforms", 0), ("with RandAugment (imports torch)", 2)):
+    for label, ops in (("default transforms", 0), ("with RandAugment (imports torch)", 2),
+                       ("Ray Data's floor: an identity map of as many rows, no decoding", -1)):
         code = ("import sys; from pipeline.benchmarks.decode_speed import _epoch_workers; "
                 f"_epoch_workers(sys.argv[1:], {args.img_size}, {ops}, {args.ray_cpus})")
         printed = subprocess.run([sys.executable, "-c", code, *shards], capture_output=True, text=True, check=True)
@@ -295,13 +312,13 @@ def measure_workers(args: argparse.Namespace, workdir: str) -> dict:
         if not rows:
             raise RuntimeError(f"no idle decode worker found after the epoch ({label})")
         starts = []
-        for _ in range(3):
+        for _ in range(3 if ops >= 0 else 0):
             line = subprocess.run([sys.executable, "-c", START_CODE, str(ops)], capture_output=True, text=True,
                                   check=True).stdout.split()
             starts.append(float(line[0]))
         out[label] = {key: statistics.median(r[key] for r in rows) / 2**20 for key in ("uss", "pss", "rss")}
-        out[label].update(workers=len(rows), torch=any(r["torch"] for r in rows), start_cpu_s=statistics.median(starts),
-                          start_imports_torch=line[1] == "True")
+        out[label].update(workers=len(rows), torch=any(r["torch"] for r in rows),
+                          start_cpu_s=statistics.median(starts) if starts else None)
     return out
 
 
@@ -312,8 +329,9 @@ def print_workers(args: argparse.Namespace, result: dict) -> None:
     print("| transforms | workers | USS MiB | PSS MiB | RSS MiB | torch mapped | start CPU-s |")
     print("|---|---|---|---|---|---|---|")
     for label, row in result.items():
+        start = "-" if row["start_cpu_s"] is None else f"{row['start_cpu_s']:.2f}"
         print(f"| {label} | {row['workers']} | {row['uss']:.0f} | {row['pss']:.0f} | {row['rss']:.0f} | "
-              f"{'yes' if row['torch'] else 'no'} | {row['start_cpu_s']:.2f} |")
+              f"{'yes' if row['torch'] else 'no'} | {start} |")
 
 
 def measure_device(args: argparse.Namespace) -> dict:

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 
 from pipeline.data.epochs import shard_order
 from pipeline.data.shard_writer import index_shards
+from pipeline.model import VisionTransformer, flops_per_image
 from pipeline.train.optim import lr_multiplier
 
 # Run in a fresh interpreter: what it imports is what the local path needs, and the test process's own Ray and
@@ -37,6 +38,9 @@ for name, overrides in args["runs"]:
                  "checkpoints": [str(path) for path in ctx.checkpoints],
                  "report_steps": [report["step"] for report in ctx.reports],
                  "lrs": [report["train/lr"] for report in ctx.reports],
+                 "rates": [[report["train/images_per_s"], report["train/tflops"], report.get("train/mfu")]
+                           for report in ctx.reports],
+                 "model_args": run.model_args,
                  "orders": [stream.orders for stream in ctx.streams if stream.train]}
 out["ray_imported"] = any(module == "ray" or module.startswith("ray.") for module in sys.modules)
 print(json.dumps(out))
@@ -85,6 +89,7 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
             for name, start, stop in zip("abcd", starts, stops, strict=True)]
     runs = [[name, [f"train.stop_after_steps={stop}", *([f"train.resume_from={last[k - 1]}"] if k else [])]]
             for k, (name, stop) in enumerate(zip("abcd", stops, strict=True))]
+    runs[-1][1].append("train.peak_tflops=0.002")  # a peak given: MFU on the CPU too
     args = {"config": "jobs/configs/digits_pretrain.yaml", "common": common, "folder": str(tmp_path), "runs": runs}
     result = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(args)], capture_output=True, text=True,
                             timeout=300)
@@ -123,6 +128,14 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
     expected_lrs = [1e-3 * lr_multiplier(step - 1, warmup_steps=2, total_steps=24, min_lr_ratio=0.01)
                     for step in range(1, 25)]
     assert sum((a["lrs"] for a in attempts), []) == pytest.approx(expected_lrs, rel=1e-6)
+    # TFLOP/s per device: 3 x the forward FLOPs of the run's model at its image size x images/s (1 worker); MFU only
+    # where a peak was given (the CPU has no table entry), over that peak
+    forward_flops = flops_per_image(VisionTransformer(**attempts[0]["model_args"]))
+    assert attempts[0]["model_args"]["img_size"] == 16 and forward_flops > 0
+    for a in attempts:
+        for images_per_s, tflops, mfu in a["rates"]:
+            assert images_per_s > 0 and tflops == pytest.approx(3 * forward_flops * images_per_s / 1e12, rel=1e-9)
+            assert mfu == (pytest.approx(tflops / 0.002, rel=1e-9) if a is attempts[-1] else None)
     # EMA: every step's average is decay x the last one + (1 - decay) x the new weights, across a resume too
     a, b = attempts[0]["checkpoints"], attempts[1]["checkpoints"]
     for before, now in [*itertools.pairwise(a), (a[-1], b[0])]:

@@ -41,6 +41,8 @@ for name, overrides in args["runs"]:
                  "rates": [[report["train/images_per_s"], report["train/tflops"], report.get("train/mfu")]
                            for report in ctx.reports],
                  "model_args": run.model_args,
+                 "graphs": dynamo.counters["stats"]["unique_graphs"] if (dynamo := sys.modules.get(
+                     "torch._dynamo.utils")) else 0,  # compiled so far in this process
                  "orders": [stream.orders for stream in ctx.streams if stream.train]}
 out["ray_imported"] = any(module == "ray" or module.startswith("ray.") for module in sys.modules)
 print(json.dumps(out))
@@ -89,6 +91,7 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
             for name, start, stop in zip("abcd", starts, stops, strict=True)]
     runs = [[name, [f"train.stop_after_steps={stop}", *([f"train.resume_from={last[k - 1]}"] if k else [])]]
             for k, (name, stop) in enumerate(zip("abcd", stops, strict=True))]
+    runs[1][1].append("train.compile=true")  # resumes an eager run's checkpoint; the next resumes its checkpoint
     runs[-1][1].append("train.peak_tflops=0.002")  # a peak given: MFU on the CPU too
     args = {"config": "jobs/configs/digits_pretrain.yaml", "common": common, "folder": str(tmp_path), "runs": runs}
     result = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(args)], capture_output=True, text=True,
@@ -98,6 +101,8 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
     assert not out["ray_imported"]  # the loop, the local context and the local data path import no Ray
 
     attempts = [out[name] for name in "abcd"]
+    assert [a["graphs"] > 0 for a in attempts] == [False, True, True, True]  # b compiled, and only b:
+    assert attempts[1]["graphs"] == attempts[3]["graphs"]  # its eval (at its last step, 11) and c, d compiled nothing
     assert [a["step"] for a in attempts] == stops and attempts[-1]["images_seen"] == 24 * BATCH
     assert sum((a["report_steps"] for a in attempts), []) == list(range(1, 25))  # no step twice
     steps = [batch for name in "abcd" for batch in trained(tmp_path / name / "samples")]

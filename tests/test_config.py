@@ -34,6 +34,8 @@ def test_yaml_then_overrides_with_ml_style_floats(tmp_path):
     (["finetune.ema_decay=0.99", "train.zero_stage=3"], "finetune.ema_decay needs train.zero_stage <= 2"),
     (["train.offload_optimizer=true", "train.zero_stage=0"], "offload_optimizer needs zero_stage >= 1"),
     (["train.steps"], "is not of the form section.key=value"),
+    (["train.compile=3"], "train.compile: 3 is not a bool"),
+    (["train.peak_tflops=-1"], "train.peak_tflops must be >= 0 (0 looks the GPU up in a table of known cards)"),
 ])
 def test_bad_configs_fail_with_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -115,14 +115,15 @@ def engine_steps(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    model_args = {**bench_model_args(args.preset, args.img_size, 1000), "global_pool": args.global_pool}
+    num_classes = preset_kwargs(args.preset).get("num_classes", 1000)  # the bare model's: VisionTransformer's default
+    model_args = {**bench_model_args(args.preset, args.img_size, num_classes), "global_pool": args.global_pool}
     steps = {}
     for name, compile in (("eager", False), ("compiled", True)):
         job = bench_job(preset=args.preset, img_size=args.img_size, batch_size_per_worker=args.batch_size,
                         num_workers=1, zero_stage=args.zero_stage, device=device.type,
                         steps=args.warmup + args.iters + 1, precision=args.dtype, compile=compile)
         engine, dtype = build_engine(job, model_args, 1, device)  # the same seeded initial weights
-        images, labels = make_batch(args.batch_size, args.img_size, 1000, 0, device, dtype)
+        images, labels = make_batch(args.batch_size, args.img_size, num_classes, 0, device, dtype)
 
         def step(engine=engine, images=images, labels=labels, job=job) -> float:
             synchronize(device)

@@ -277,8 +277,10 @@ def run_training(run: ResolvedJob, ctx: TrainContext, *, init_state: dict[str, t
         log.warning("no peak bf16 FLOP/s known for %r: train/mfu is not logged; set train.peak_tflops to the card's "
                     "dense bf16 peak to have it", device_name)
     if rank == 0 and train_cfg.compile:
-        log.info("train.compile: the model is compiled with torch.compile (%s); the first step compiles it",
-                 "block by block, between ZeRO-3's parameter gathers" if train_cfg.zero_stage == 3 else "one graph")
+        log.info("train.compile: the model is compiled with torch.compile (%s); the first step compiles it%s",
+                 "block by block, between ZeRO-3's parameter gathers" if train_cfg.zero_stage == 3 else "one graph",
+                 "; on the CPU a compiled step measured within 2% of an eager one (docs/benchmarks.md)"
+                 if device.type == "cpu" and train_cfg.zero_stage < 3 else "")
     progress = Progress(train_cfg.steps, state.step, train_cfg.global_batch_size,
                         forward_flops_per_image=model_flops_per_image(run.model_args), world_size=world_size,
                         peak_flops_per_s=peak)
@@ -405,8 +407,8 @@ def validate_collective(engine, ema: WeightEMA | None, val_stream, inputs: Input
     kwargs = {"batch_size": batch_size, "world_size": world_size, "image_shape": (3, img_size, img_size)}
     with eager_forward(engine):
         metrics = evaluate_collective(engine, val_stream, inputs, **kwargs)
-    if ema is not None:
-        with ema.applied(), eager_forward(engine):
-            averaged = evaluate_collective(engine, val_stream, inputs, **kwargs)
-        metrics.update({key.replace("val/", "val_ema/"): value for key, value in averaged.items()})
+        if ema is not None:
+            with ema.applied():
+                averaged = evaluate_collective(engine, val_stream, inputs, **kwargs)
+            metrics.update({key.replace("val/", "val_ema/"): value for key, value in averaged.items()})
     return metrics

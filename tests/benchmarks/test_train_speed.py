@@ -3,6 +3,7 @@ import contextlib
 import http.server
 import json
 import math
+import statistics
 import threading
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def test_train_benchmark_measures_all_three_modes(ray_local, capsys):
                   "--warmup", "1", "--steps", "2", "--rounds", "2",
                   "--memory-preset", "vit_tiny_patch16_224", "--memory-img-size", "32", "--memory-precisions", "bf16",
                   "--gpu-preset", "vit_demo_patch4_32", "--gpu-img-size", "32", "--gpu-batch-size", "8",
-                  "--gpu-warmup", "1", "--gpu-steps", "2", "--peak-tflops", "1"])
+                  "--gpu-warmup", "1", "--gpu-steps", "2", "--peak-tflops", "1", "--gpu-zero-stage", "1",
+                  "--gpu-compile"])
     results = train_speed.run(args)
 
     overhead = results["overhead"]
@@ -52,7 +54,13 @@ def test_train_benchmark_measures_all_three_modes(ray_local, capsys):
 
     gpu = results["gpu"]
     assert gpu["images_per_s"] > 0 and gpu["forward_flops"] > 0
+    assert gpu["achieved_flops"] == pytest.approx(3 * gpu["forward_flops"] * gpu["images_per_s"])
     assert gpu["mfu"] == pytest.approx(3 * gpu["forward_flops"] * gpu["images_per_s"] / 1e12)
+    # compiled (train.compile=true) at ZeRO-1: the first step holds the compile, and from the same initial weights
+    # and batch it computes the eager contenders' first loss
+    assert (gpu["zero_stage"], gpu["compile"], gpu["dtype"]) == (1, True, "float32")
+    assert gpu["first_step_s"] == gpu["warmup_s"] > 3 * gpu["median_step_s"]
+    assert gpu["warmup_losses"][0] == pytest.approx(statistics.mean(first_losses), abs=1e-4)
 
     out = capsys.readouterr().out
     assert "### Orchestration overhead" in out and "### Per-rank state bytes" in out and "### GPU" in out

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 from pipeline.config import ConfigError
 from pipeline.data.datasets import build_image_dataset
-from pipeline.model import VisionTransformer
+from pipeline.model import VisionTransformer, flops_per_image
 from pipeline.tracking.models import checkpoint_models, latest_value
 from pipeline.tracking.runs import JOB_RUNS
 from pipeline.train.checkpoint import STATE_FILE, read_weights
@@ -127,6 +127,15 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     assert shape[1:] == [("FINISHED", str(int(resumed_at[0][1])), "2")]
     lost = {m.step for m in client.get_metric_history(attempts[0].info.run_id, "train/loss")}
     assert max(lost) > resumed_at[0][1]  # the lost attempt's own run kept the steps it trained past the checkpoint
+
+    # TFLOP/s per device at every step: 3 x the forward FLOPs x the job's images/s / 2 workers; no MFU on the CPU
+    forward_flops = flops_per_image(VisionTransformer(**resolved.model_args))
+    images_per_s = dict(metric_history(result.tracking_uri, result.run_id, "train/images_per_s"))
+    tflops = dict(metric_history(result.tracking_uri, result.run_id, "train/tflops"))
+    assert set(tflops) == set(images_per_s) == set(range(1, 41))
+    assert all(tflops[step] == pytest.approx(3 * forward_flops * images_per_s[step] / 2 / 1e12, rel=1e-6)
+               for step in tflops), (tflops, images_per_s)
+    assert metric_history(result.tracking_uri, result.run_id, "train/mfu") == []
 
     # it trained: 40 steps at 2e-3 drop the mean loss by 0.13-0.32 in a plain torch loop on digits (8 seeds)
     first_values = [min(values[step]) for step in sorted(values)]

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 
 from pipeline.data.epochs import shard_order
 from pipeline.data.shard_writer import index_shards
+from pipeline.model import VisionTransformer, flops_per_image
 from pipeline.train.optim import lr_multiplier
 
 # Run in a fresh interpreter: what it imports is what the local path needs, and the test process's own Ray and
@@ -37,6 +38,11 @@ for name, overrides in args["runs"]:
                  "checkpoints": [str(path) for path in ctx.checkpoints],
                  "report_steps": [report["step"] for report in ctx.reports],
                  "lrs": [report["train/lr"] for report in ctx.reports],
+                 "rates": [[report["train/images_per_s"], report["train/tflops"], report.get("train/mfu")]
+                           for report in ctx.reports],
+                 "model_args": run.model_args,
+                 "graphs": dynamo.counters["stats"]["unique_graphs"] if (dynamo := sys.modules.get(
+                     "torch._dynamo.utils")) else 0,  # compiled so far in this process
                  "orders": [stream.orders for stream in ctx.streams if stream.train]}
 out["ray_imported"] = any(module == "ray" or module.startswith("ray.") for module in sys.modules)
 print(json.dumps(out))
@@ -89,6 +95,8 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
             for name, start, stop in zip("abcd", starts, stops, strict=True)]
     runs = [[name, [f"train.stop_after_steps={stop}", *([f"train.resume_from={last[k - 1]}"] if k else [])]]
             for k, (name, stop) in enumerate(zip("abcd", stops, strict=True))]
+    runs[1][1].append("train.compile=true")  # resumes an eager run's checkpoint; the next resumes its checkpoint
+    runs[-1][1].append("train.peak_tflops=0.002")  # a peak given: MFU on the CPU too
     args = {"config": "jobs/configs/digits_pretrain.yaml", "common": common, "folder": str(tmp_path), "runs": runs}
     result = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(args)], capture_output=True, text=True,
                             timeout=300)
@@ -97,6 +105,8 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
     assert not out["ray_imported"]  # the loop, the local context and the local data path import no Ray
 
     attempts = [out[name] for name in "abcd"]
+    assert [a["graphs"] > 0 for a in attempts] == [False, True, True, True]  # b compiled, and only b:
+    assert attempts[1]["graphs"] == attempts[3]["graphs"]  # its eval (at its last step, 11) and c, d compiled nothing
     assert [a["step"] for a in attempts] == stops and attempts[-1]["images_seen"] == 24 * BATCH
     assert sum((a["report_steps"] for a in attempts), []) == list(range(1, 25))  # no step twice
     steps = [batch for name in "abcd" for batch in trained(tmp_path / name / "samples")]
@@ -127,6 +137,14 @@ def test_resumes_train_on_every_sample_of_an_epoch_once_and_carry_the_schedule_a
     expected_lrs = [1e-3 * lr_multiplier(step - 1, warmup_steps=2, total_steps=24, min_lr_ratio=0.01)
                     for step in range(1, 25)]
     assert sum((a["lrs"] for a in attempts), []) == pytest.approx(expected_lrs, rel=1e-6)
+    # TFLOP/s per device: 3 x the forward FLOPs of the run's model at its image size x images/s (1 worker); MFU only
+    # where a peak was given (the CPU has no table entry), over that peak
+    forward_flops = flops_per_image(VisionTransformer(**attempts[0]["model_args"]))
+    assert attempts[0]["model_args"]["img_size"] == 16 and forward_flops > 0
+    for a in attempts:
+        for images_per_s, tflops, mfu in a["rates"]:
+            assert images_per_s > 0 and tflops == pytest.approx(3 * forward_flops * images_per_s / 1e12, rel=1e-9)
+            assert mfu == (pytest.approx(tflops / 0.002, rel=1e-9) if a is attempts[-1] else None)
     # EMA: every step's average is decay x the last one + (1 - decay) x the new weights, across a resume too
     a, b = attempts[0]["checkpoints"], attempts[1]["checkpoints"]
     for before, now in [*itertools.pairwise(a), (a[-1], b[0])]:

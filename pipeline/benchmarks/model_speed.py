@@ -14,7 +14,6 @@ against `train.compile=true`.
 import argparse
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.benchmarks import free_port
 from pipeline.model import build_model, preset_kwargs
 
 
@@ -110,9 +110,7 @@ def engine_steps(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
     from pipeline.train.loop import build_engine, train_step
 
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     num_classes = preset_kwargs(args.preset).get("num_classes", 1000)  # the bare model's: VisionTransformer's default

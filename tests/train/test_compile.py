@@ -4,12 +4,13 @@ too, its checkpoints load into an eager engine and the other way, and eval runs 
 batch sizes)."""
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from pipeline.benchmarks import free_port
 
 # One process (DeepSpeed wants a process group; this one is gloo, world size 1). Per ZeRO stage: an eager and a
 # compiled engine with the same initial weights take the same 2 steps and save; each checkpoint then loads into a
@@ -94,9 +95,7 @@ ENGINES = textwrap.dedent("""
 
 
 def test_compiled_engines_train_checkpoint_and_evaluate_as_eager_ones_at_every_zero_stage():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     done = subprocess.run([sys.executable, "-c", ENGINES, str(port)], capture_output=True, text=True, timeout=600,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]

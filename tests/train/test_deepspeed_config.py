@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from pipeline.benchmarks import free_port
 from pipeline.train.deepspeed_config import BUCKET_ALIGNMENT, build_deepspeed_config
 
 
@@ -64,11 +65,7 @@ ENGINES = textwrap.dedent("""
 
 
 def test_any_class_count_builds_and_steps_at_every_zero_stage(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     done = subprocess.run([sys.executable, "-c", ENGINES, str(port)], capture_output=True, text=True, timeout=600,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]

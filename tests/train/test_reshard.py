@@ -8,7 +8,6 @@ its own size) and read by every resume. The global batch of each step is fixed; 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from pipeline.benchmarks import free_port
 
 STAGES = (2, 3)
 SAVED_AT = 2  # steps before the checkpoint
@@ -134,12 +135,6 @@ WORKER = textwrap.dedent("""
     if rank == 0:
         torch.save(results, spec["out"])
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_ranks(world: int, phase: str, checkpoints: Path, scratch: Path) -> dict:

@@ -28,6 +28,9 @@ narrowest knob that reaches it; nothing lowers a library's WARNING or ERROR leve
 - torch, per rank: "No CUDA runtime is found, using CUDA_HOME=…" on CPU workers, when DeepSpeed's op builder
   imports torch.utils.cpp_extension (a filter for that message on that logger); the FutureWarning
   "`torch.distributed.*` is deprecated" for the collectives DeepSpeed's ZeRO calls (warnings.filterwarnings).
+- torch, per Train worker: the UserWarning "The given NumPy array is not writable" for the zero-copy tensors of
+  Ray Data's `iter_torch_batches`, which Ray means to suppress but whose `catch_warnings` is not thread-safe
+  (warnings.filterwarnings; the loop never writes into a batch).
 - MLflow, on the driver, for a new sqlite store: "Creating initial MLflow database tables…", "Updating database
   tables" (logger mlflow.store.db.utils at WARNING).
 
@@ -81,6 +84,9 @@ WORKER_QUIET = (
 # loggers whose INFO lines are not for people; their warnings and errors still show
 DRIVER_WARNING_LEVEL = ("mlflow.store.db.utils",)
 TORCH_COLLECTIVES_WARNING = r"`torch\.distributed\.\w+` is deprecated"
+# Ray Data's torch_utils suppresses this for its zero-copy tensors inside warnings.catch_warnings(), which is not
+# thread-safe: with other threads in the worker, the warning leaks now and then. Nothing here writes into a batch.
+NUMPY_NOT_WRITABLE_WARNING = r"The given NumPy array is not writable"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RAY_PREFIX = re.compile(r"^\((?:[\w.:-]+ )?pid=[^)]*\) ")  # "(RayTrainWorker pid=123) ", "(pid=123, ip=…) "
@@ -164,11 +170,12 @@ def ray_data_console(verbose: bool) -> None:
 
 def worker_console(verbose: bool) -> None:
     """First thing in the training loop: our INFO lines reach the driver with their own handler; unless
-    `verbose`, the worker's known library lines (WORKER_QUIET, the torch collectives' FutureWarning) are
+    `verbose`, the worker's known library lines (WORKER_QUIET, two torch warnings) are
     quieted. Imports no Ray; safe to call again."""
     for name, pattern in WORKER_QUIET:
         _set_drop(logging.getLogger(name), pattern, on=not verbose)
     _set_ignored_warning(TORCH_COLLECTIVES_WARNING, FutureWarning, on=not verbose)
+    _set_ignored_warning(NUMPY_NOT_WRITABLE_WARNING, UserWarning, on=not verbose)
     logger = logging.getLogger("pipeline")
     if not logger.handlers:
         handler = logging.StreamHandler()

@@ -123,6 +123,27 @@ ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = re.compile(r"<[^<>\n]+>")  # <run id>, <pretrain run id>: what the reader fills in
 
 
+def run_results_script(code: str) -> object:
+    """Run `code` in a fresh interpreter (its own process group, DeepSpeed and compile caches) with a free port
+    as argv[1]; the JSON it printed after "RESULTS "."""
+    import json
+    import subprocess
+    import sys
+
+    from pipeline.benchmarks import free_port
+
+    done = subprocess.run([sys.executable, "-c", code, str(free_port())], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.fixture
+def results_script():
+    return run_results_script
+
+
 def documented_commands(*docs: str) -> list[list[str]]:
     """The `python jobs/…` commands of the bash blocks of `docs` (README.md by default), the entry points of
     their `ray job submit … -- python jobs/…` lines included, as argument lists from `jobs/…` on, split as a

@@ -285,14 +285,20 @@ print(time.process_time() - start, 'torch' in sys.modules)
 """
 
 
+def raw_batch(images: list[bytes], start: int = 0) -> dict:
+    """Raw rows of `images` (positions from `start`, label 0), as the tar reader gives them to a decode task."""
+    n = len(images)
+    column = lambda values: np.array(values, dtype=object)  # noqa: E731
+    return {"__key__": column([str(i) for i in range(start, start + n)]), "__url__": column(["bench.tar"] * n),
+            "__index__": np.arange(start, start + n), "image": column(images), "cls": column([b"0"] * n),
+            "json": column([None] * n), "read_error": column([None] * n)}
+
+
 def one_row_batch() -> dict:
-    """One raw row of a 500x375 JPEG, as the tar reader gives it."""
+    """One raw row of a 500x375 JPEG."""
     from pipeline.benchmarks.data_speed import imagenet_like_samples
 
-    sample = next(iter(imagenet_like_samples(1, 0)))
-    column = lambda value: np.array([value], dtype=object)  # noqa: E731
-    return {"__key__": column("0"), "__url__": column("bench.tar"), "__index__": np.zeros(1, np.int64),
-            "image": column(sample.image), "cls": column(b"0"), "json": column(None), "read_error": column(None)}
+    return raw_batch([next(iter(imagenet_like_samples(1, 0))).image])
 
 
 def measure_workers(args: argparse.Namespace, workdir: str) -> dict:
@@ -347,12 +353,7 @@ def measure_device(args: argparse.Namespace) -> dict:
     n = len(datas) // args.batch_size * args.batch_size
     if n == 0:
         raise SystemExit(f"--num-images {args.num_images} is less than one --batch-size {args.batch_size}")
-    column = lambda values: np.array(values, dtype=object)  # noqa: E731
-    batches = [{"__key__": column([str(i) for i in range(s, s + args.batch_size)]),
-                "__url__": column(["bench.tar"] * args.batch_size),
-                "__index__": np.arange(s, s + args.batch_size), "image": column(datas[s: s + args.batch_size]),
-                "cls": column([b"0"] * args.batch_size), "json": column([None] * args.batch_size),
-                "read_error": column([None] * args.batch_size)} for s in range(0, n, args.batch_size)]
+    batches = [raw_batch(datas[s: s + args.batch_size], s) for s in range(0, n, args.batch_size)]
     cfg = DataConfig(img_size=args.img_size, decode_device="gpu")
     device = decode_device(0)
     prepared = [prepare_batch(b, cfg=cfg, train=True, num_classes=2, seed=i) for i, b in enumerate(batches)]

@@ -3,14 +3,9 @@ trains as the eager one does at ZeRO 0-3 (ZeRO-3 with its blocks as leaf modules
 too, its checkpoints load into an eager engine and the other way, and eval runs eager (no graph compiled for its
 batch sizes)."""
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
-
-from pipeline.benchmarks import free_port
 
 # One process (DeepSpeed wants a process group; this one is gloo, world size 1). Per ZeRO stage: an eager and a
 # compiled engine with the same initial weights take the same 2 steps and save; each checkpoint then loads into a
@@ -94,13 +89,8 @@ ENGINES = textwrap.dedent("""
 """)
 
 
-def test_compiled_engines_train_checkpoint_and_evaluate_as_eager_ones_at_every_zero_stage():
-    port = free_port()
-    done = subprocess.run([sys.executable, "-c", ENGINES, str(port)], capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    results = json.loads(line[len("RESULTS "):])
+def test_compiled_engines_train_checkpoint_and_evaluate_as_eager_ones_at_every_zero_stage(results_script):
+    results = results_script(ENGINES)
     assert results["graphs"] >= 2  # it compiled: the training graph, and the one with checkpointed blocks
     for stage in ("0", "1", "2", "3"):
         eager, compiled = results[stage]["eager"], results[stage]["compiled"]

@@ -1,13 +1,9 @@
 """The DeepSpeed config from the typed settings, and real `deepspeed.initialize` calls for models of any size."""
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from pipeline.benchmarks import free_port
 from pipeline.train.deepspeed_config import BUCKET_ALIGNMENT, build_deepspeed_config
 
 
@@ -64,13 +60,8 @@ ENGINES = textwrap.dedent("""
 """)
 
 
-def test_any_class_count_builds_and_steps_at_every_zero_stage(tmp_path):
-    port = free_port()
-    done = subprocess.run([sys.executable, "-c", ENGINES, str(port)], capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    results = json.loads(line[len("RESULTS "):])
+def test_any_class_count_builds_and_steps_at_every_zero_stage(results_script):
+    results = results_script(ENGINES)
     assert [(r["classes"], r["stage"]) for r in results] == [(c, s) for c in (3, 5, 7, 1000) for s in (1, 2, 3)]
     for r in results:
         assert r["step"] == 1 and r["changed"] and 0.0 < r["loss"] < 20.0, r

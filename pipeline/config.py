@@ -86,6 +86,7 @@ class DataConfig:
 
 
 DECODE_DEVICES = ("cpu", "gpu")
+OBJECTIVES = ("supervised", "mae")  # train.objective: pipeline/train/objectives/
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
@@ -174,6 +175,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0  # CPUs each Train worker reserves; fractions leave CPUs to Ray Data decode
     worker_resources: dict[str, float] = field(default_factory=dict)  # custom resources per worker: {trainer_node: 1}
     device: str = "auto"  # "auto" (cuda when the cluster has GPUs), "cuda" or "cpu"
+    # what is learnt: "supervised" (class labels, cross-entropy) or "mae" (masked autoencoding of the images alone;
+    # the mae section). A fine-tune is supervised
+    objective: str = "supervised"
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0, 1, 2 or 3
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
@@ -232,6 +236,7 @@ class TrainConfig:
             (self.cpus_per_worker > 0, "cpus_per_worker must be > 0"),
             *custom_resource_checks("worker_resources", self.worker_resources, "cpus_per_worker sets the CPUs"),
             (self.device in ("auto", "cuda", "cpu"), "device must be 'auto', 'cuda' or 'cpu'"),
+            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}"),
             (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
             (not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer needs zero_stage >= 1"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be 'auto', 'bf16' or 'fp32'"),
@@ -245,6 +250,35 @@ class TrainConfig:
             (0 <= self.stop_after_steps <= self.steps, "stop_after_steps must be in [0, steps]"),
         ]
         _raise_first("train", checks)
+        return self
+
+
+@dataclass
+class MaeConfig:
+    """Masked-autoencoder pretraining (train.objective=mae; He et al., 2021): the mask, the decoder, the monitors."""
+
+    mask_ratio: float = 0.75  # fraction of each image's patches hidden from the encoder, drawn per sample
+    decoder_embed_dim: int = 0  # decoder width; 0 takes the preset's (MAE's 512 for B/L/H)
+    decoder_depth: int = 0  # decoder blocks; 0 takes the preset's (MAE's 8 for B/L/H)
+    decoder_num_heads: int = 0  # decoder attention heads; 0 takes the preset's (MAE's 16 for B/L/H)
+    norm_pix_loss: bool = True  # targets: each patch's pixels normalised by the patch's own mean and variance
+    eval_mask_seed: int = 0  # val masks are drawn per sample from this seed: curves compare across runs and resumes
+    knn_k: int = 20  # neighbours of the k-NN top-1 monitor (when the train and val shards have labels)
+    knn_train_samples: int = 10_000  # labelled train samples the k-NN monitor searches; 0 turns it off
+    recon_images: int = 8  # val images in the reconstruction PNG logged at each evaluation; 0 logs none
+
+    def validate(self) -> MaeConfig:
+        width, heads = self.decoder_embed_dim, self.decoder_num_heads
+        checks = [
+            (0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1); got {self.mask_ratio}"),
+            (min(width, self.decoder_depth, heads) >= 0, "decoder sizes must be >= 0 (0 takes the preset's)"),
+            (not (width and heads) or width % heads == 0,
+             f"decoder_num_heads {heads} must divide decoder_embed_dim {width}"),
+            (self.knn_k >= 1, "knn_k must be >= 1"),
+            (self.knn_train_samples >= 0, "knn_train_samples must be >= 0 (0 turns the k-NN monitor off)"),
+            (self.recon_images >= 0, "recon_images must be >= 0"),
+        ]
+        _raise_first("mae", checks)
         return self
 
 
@@ -286,12 +320,22 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mae: MaeConfig = field(default_factory=MaeConfig)
     # pretrained weights: a checkpoint dir, a model.safetensors, runs:/<mlflow run id>, or a timm state_dict file
     init_from: str = ""
 
     def validate(self) -> JobConfig:
-        for part in (self.model, self.data, self.optim, self.train, self.tracking, self.finetune):
+        for part in (self.model, self.data, self.optim, self.train, self.tracking, self.finetune, self.mae):
             part.validate()
+        if self.train.objective != "supervised":
+            for key, value in (("optim.mixup_alpha", self.optim.mixup_alpha), ("optim.cutmix_alpha",
+                                                                              self.optim.cutmix_alpha)):
+                if value:
+                    raise ValueError(f"{key} is {value}, but train.objective={self.train.objective} learns without "
+                                     "labels, so there are none to mix; set it to 0 (it belongs to the fine-tune)")
+            if self.finetune.ema_decay:
+                raise ValueError(f"finetune.ema_decay is for supervised runs; train.objective={self.train.objective} "
+                                 "keeps no EMA of its weights (MAE's recipe has none)")
         if self.model.img_size and self.model.img_size != self.data.img_size:
             self.data = dataclasses.replace(self.data, img_size=self.model.img_size)
         if self.finetune.ema_decay and self.train.zero_stage == 3:

@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.train.loop import use_cpu_deepspeed
+from pipeline.train.engine import use_cpu_deepspeed
 
 # DeepSpeed picks its accelerator at import time; on a CPU-only host it must be told before any test imports it.
 if not torch.cuda.is_available():

@@ -77,7 +77,8 @@ WEIGHTS_ONLY = r"""
 import json, pickle, sys, torch
 from pipeline.config import load_job_config
 from pipeline.train.context import LocalContext
-from pipeline.train.loop import build_engine
+from pipeline.train.engine import build_engine
+from pipeline.train.objectives import build_objective
 from pipeline.train.checkpoint import DEEPSPEED_TAG, LoopState, save_checkpoint_collective
 
 class Payload:  # what an attacker's pickle would run on load
@@ -87,7 +88,7 @@ class Payload:  # what an attacker's pickle would run on load
 LocalContext(sys.argv[1])
 job = load_job_config(None, ["train.num_workers=1", "train.global_batch_size=2", "data.img_size=16"])
 args = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 3}
-engine, _ = build_engine(job, args, 1, torch.device("cpu"))
+engine, _ = build_engine(job, build_objective(job, args), 1, torch.device("cpu"))
 from pipeline.internals import universal_checkpoint_loading
 with universal_checkpoint_loading(engine):
     universal = [engine.load_universal_checkpoint()]

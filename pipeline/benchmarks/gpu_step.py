@@ -31,7 +31,7 @@ def step_times_per_worker(config: dict) -> None:
     """Ray Train worker (gpu mode): the trainer's engine and step, warm-up then timed steps, reported."""
     import ray.train
 
-    from pipeline.train.loop import resolve_device
+    from pipeline.train.engine import resolve_device
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])

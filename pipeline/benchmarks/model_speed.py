@@ -100,14 +100,15 @@ def engine_steps(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
     """name -> one timed optimizer step of the trainer's engine, eager and with train.compile=true, in this
     process (a process group of one)."""
     from pipeline.benchmarks.train_harness import bench_job, bench_model_args, make_batch
-    from pipeline.train.loop import use_cpu_deepspeed
+    from pipeline.train.engine import use_cpu_deepspeed
 
     device = torch.device(args.device)
     if device.type == "cpu":
         use_cpu_deepspeed()
     import torch.distributed as dist
 
-    from pipeline.train.loop import build_engine, train_step
+    from pipeline.train.engine import build_engine, train_step
+    from pipeline.train.objectives import build_objective
 
     if not dist.is_initialized():
         port = free_port()
@@ -120,14 +121,14 @@ def engine_steps(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
         job = bench_job(preset=args.preset, img_size=args.img_size, batch_size_per_worker=args.batch_size,
                         num_workers=1, zero_stage=args.zero_stage, device=device.type,
                         steps=args.warmup + args.iters + 1, precision=args.dtype, compile=compile)
-        engine, dtype = build_engine(job, model_args, 1, device)  # the same seeded initial weights
+        objective = build_objective(job, model_args)
+        engine, dtype = build_engine(job, objective, 1, device)  # the same seeded initial weights
         images, labels = make_batch(args.batch_size, args.img_size, num_classes, 0, device, dtype)
 
-        def step(engine=engine, images=images, labels=labels, job=job) -> float:
+        def step(engine=engine, objective=objective, images=images, labels=labels) -> float:
             synchronize(device)
             start = time.perf_counter()
-            train_step(engine, images, labels, micro_batch=args.batch_size, accum=1,
-                       label_smoothing=job.optim.label_smoothing)
+            train_step(engine, objective, images, labels, micro_batch=args.batch_size, accum=1)
             synchronize(device)
             return time.perf_counter() - start
 

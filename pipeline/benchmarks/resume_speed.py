@@ -43,13 +43,14 @@ def run(args: argparse.Namespace) -> None:
     from pipeline.data.shard_set import ShardSet
     from pipeline.train.checkpoint import LoopState, save_checkpoint_collective
     from pipeline.train.context import LocalContext
-    from pipeline.train.loop import build_engine
+    from pipeline.train.engine import build_engine
+    from pipeline.train.objectives import build_objective
 
     LocalContext(tempfile.mkdtemp(prefix="bench-resume-"))  # the gloo group of one that DeepSpeed joins
     job = bench_job(preset=args.preset, img_size=args.img_size, batch_size_per_worker=8, num_workers=1, zero_stage=2,
                     device="cpu", steps=10)
     model_args = bench_model_args(args.preset, args.img_size, num_classes=1000)
-    engine, _ = build_engine(job, model_args, 1, torch.device("cpu"))
+    engine, _ = build_engine(job, build_objective(job, model_args), 1, torch.device("cpu"))
     uris = [f"s3://bucket/imagenet/train-{i:06d}.tar" for i in range(args.num_shards)]
     shards = ShardSet(spec="s3://bucket/imagenet/train-{000000..}.tar", uris=uris,
                       counts=[args.samples_per_shard] * args.num_shards, classes=[str(i) for i in range(1000)])

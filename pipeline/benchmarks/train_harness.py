@@ -57,19 +57,22 @@ class EngineLoop:
     """The trainer's own engine (`build_engine`) and step (`train_step`) on one in-memory batch."""
 
     def __init__(self, job: JobConfig, model_args: dict, world_size: int, device: torch.device, seed: int):
-        from pipeline.train.loop import build_engine
+        from pipeline.train.engine import build_engine
+        from pipeline.train.objectives import build_objective
 
         self.job, self.device, self.world_size = job, device, world_size
-        self.engine, self.dtype = build_engine(job, model_args, world_size, device)
+        self.objective = build_objective(job, model_args)
+        self.engine, self.dtype = build_engine(job, self.objective, world_size, device)
         self.images, self.targets = make_batch(job.train.global_batch_size // world_size, job.data.img_size,
                                                model_args["num_classes"], seed, device, self.dtype)
 
     def step(self) -> torch.Tensor:
-        from pipeline.train.loop import train_step
+        from pipeline.train.engine import train_step
 
         train = self.job.train
-        return train_step(self.engine, self.images, self.targets, micro_batch=train.micro_batch_size_per_worker(),
-                          accum=train.grad_accum_steps(self.world_size), label_smoothing=self.job.optim.label_smoothing)
+        return train_step(self.engine, self.objective, self.images, self.targets,
+                          micro_batch=train.micro_batch_size_per_worker(),
+                          accum=train.grad_accum_steps(self.world_size))
 
 
 def run_steps(loop, steps: int) -> tuple[list[float], list[float]]:

@@ -87,7 +87,7 @@ def overhead_per_worker(config: dict) -> None:
     import ray
     import ray.train
 
-    from pipeline.train.loop import resolve_device
+    from pipeline.train.engine import resolve_device
 
     threads_given = torch.get_num_threads()  # what Ray set up for the worker's CPUs (OMP_NUM_THREADS)
     torch.set_num_threads(config["threads"])

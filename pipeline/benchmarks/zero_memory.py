@@ -26,7 +26,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.benchmarks.train_harness import bench_job, bench_model_args, make_batch, report_json, run_workers
 from pipeline.config import JobConfig, config_from_dict
@@ -110,7 +109,8 @@ def state_bytes_per_worker(config: dict) -> None:
 
     import ray.train
 
-    from pipeline.train.loop import build_engine, train_step
+    from pipeline.train.engine import build_engine, train_step
+    from pipeline.train.objectives import build_objective
 
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
@@ -121,13 +121,13 @@ def state_bytes_per_worker(config: dict) -> None:
     for key, job_dict in config["jobs"].items():
         job = config_from_dict(JobConfig, job_dict)
         start = time.perf_counter()
-        engine, dtype = build_engine(job, model_args, world_size, device)
+        objective = build_objective(job, model_args)
+        engine, dtype = build_engine(job, objective, world_size, device)
         build_s = time.perf_counter() - start
         images, targets = make_batch(job.train.global_batch_size // world_size, job.data.img_size,
                                      model_args["num_classes"], config["seed"] + rank, device, dtype)
-        smoothing = job.optim.label_smoothing
-        train_step(engine, images, targets, micro_batch=len(images), accum=1, label_smoothing=smoothing)
-        engine.backward(F.cross_entropy(engine(images).float(), targets, label_smoothing=smoothing))
+        train_step(engine, objective, images, targets, micro_batch=len(images), accum=1)
+        engine.backward(objective.loss(engine, images, targets))
         totals, largest = state_bytes(engine)
         engine.step()
         per_run[key] = {"bytes": totals, "largest": largest, "engine_build_s": build_s,

@@ -93,7 +93,7 @@ def decode_batch(batch: dict, **kwargs) -> dict:
         batch, **kwargs)
 
 
-def build_image_dataset(shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger=None,
+def build_image_dataset(shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int | None, ledger=None,
                         shuffle_files: bool | None = None, first_epoch: int = 0,
                         skip: dict[str, np.ndarray] | None = None) -> ray.data.Dataset:
     """Columns `image` uint8 (3, S, S) (with data.decode_device=gpu, `transforms.prepare_batch`'s columns in

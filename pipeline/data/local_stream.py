@@ -25,7 +25,7 @@ class LocalImageStream:
     train stream reads its shards in the permutation of epoch `first_epoch + execution`, as Ray Data's reader
     does; `orders` records each execution's shard order."""
 
-    def __init__(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger=None,
+    def __init__(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int | None, ledger=None,
                  shuffle_files: bool | None = None, first_epoch: int = 0, skip: dict[str, np.ndarray] | None = None):
         self.shards = shards
         self.cfg = cfg

@@ -116,12 +116,13 @@ def center_box(width: int, height: int, crop_pct: float) -> Box:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int, ledger=None,
+def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int | None, ledger=None,
                  seed: int | None = None, shard_ids: dict[str, int] | None = None,
                  skip: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Raw rows (tar_reader.ROW_SCHEMA) -> {"image": uint8 (N, 3, S, S), "label": int64 (N,)} of the good rows,
-    plus "shard" int32 (N,), the index of each row's shard in `shard_ids`, and "index" int32 (N,), its position
-    in the shard, when `shard_ids` is given.
+    """Raw rows (tar_reader.ROW_SCHEMA) -> {"image": uint8 (N, 3, S, S), "label": int64 (N,)} of the good rows
+    (labels in [0, num_classes); with `num_classes` None no label is read, and every row's is -1), plus "shard"
+    int32 (N,), the index of each row's shard in `shard_ids`, and "index" int32 (N,), its position in the shard,
+    when `shard_ids` is given.
 
     Bad rows are dropped and reported to `ledger` (bad_samples.py; it raises once too many are bad), with their
     (shard, index) when `shard_ids` is given. Rows that `skip` marks (shard path -> bitmap by position: samples a
@@ -143,7 +144,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, 
     return {"image": images, **out}
 
 
-def prepare_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int, ledger=None,
+def prepare_batch(batch: dict[str, np.ndarray], *, cfg: DataConfig, train: bool, num_classes: int | None, ledger=None,
                   seed: int | None = None, shard_ids: dict[str, int] | None = None,
                   skip: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Raw rows -> rows for the Train worker to decode (`data.decode_device=gpu`): "data" (the JPEG bytes, or
@@ -181,7 +182,7 @@ def batch_rng(seed: int | None) -> np.random.Generator:
 
 
 def _good_rows(batch: dict[str, np.ndarray], handle: Callable[[bytes, np.random.Generator], None],
-               rng: np.random.Generator, *, cfg: DataConfig, num_classes: int, ledger,
+               rng: np.random.Generator, *, cfg: DataConfig, num_classes: int | None, ledger,
                shard_ids: dict[str, int] | None, skip: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """Calls `handle(image bytes, rng)` on each row that is not skipped and has a good label; a BadSample from
     either drops the row and is counted. Returns the good rows' "label" (and "shard", "index")."""
@@ -200,7 +201,8 @@ def _good_rows(batch: dict[str, np.ndarray], handle: Callable[[bytes, np.random.
                 raise BadSample(TRUNCATED_TAR, batch["read_error"][i])
             if batch["image"][i] is None:
                 raise BadSample(NO_IMAGE, "the key has no image member")
-            label = parse_label(batch["cls"][i], batch["json"][i], cfg.label_key, num_classes)
+            label = -1 if num_classes is None else parse_label(batch["cls"][i], batch["json"][i], cfg.label_key,
+                                                               num_classes)
             handle(batch["image"][i], rng)
             labels.append(label)
             good_rows.append(i)

@@ -59,3 +59,25 @@ def infer_square_grid(num_grid_tokens: int) -> tuple[int, int]:
             "pass old_size explicitly"
         )
     return side, side
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """MAE's fixed 2D sin-cos position embedding, (1, prefix + H*W, D) in fp32: the first half of the channels
+    encodes a token's column and the second half its row, each as sines then cosines of D/4 frequencies
+    1 / 10000^(i / (D/4)); prefix tokens ([class]) get zeros. Tokens are in row-major grid order, as the patch
+    embedding flattens them."""
+    if embed_dim % 4:
+        raise ValueError(f"a 2D sin-cos position embedding needs a width divisible by 4, got {embed_dim}")
+    height, width = grid_size
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                                indexing="ij")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    grid = torch.cat([encode(cols), encode(rows)], dim=1)
+    prefix = torch.zeros(num_prefix_tokens, embed_dim, dtype=torch.float64)
+    return torch.cat([prefix, grid]).float().unsqueeze(0)

@@ -27,6 +27,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# MAE's decoder (He et al.): 512 wide, 8 blocks, 16 heads for ViT-B/L/H. For Ti and S, whose blocks cost 4-16x less
+# than B's, a decoder whose per-token cost against its encoder's is about that of MAE's decoder against ViT-L (8 %);
+# a small one for the demo
+MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+MAE_DECODERS: dict[str, dict] = {
+    "vit_demo_patch4_32": dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
+    "vit_tiny_patch16_224": dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    "vit_small_patch16_224": dict(decoder_embed_dim=256, decoder_depth=2, decoder_num_heads=8),
+    "vit_small_patch32_224": dict(decoder_embed_dim=256, decoder_depth=2, decoder_num_heads=8),
+}
+
+
 def preset_kwargs(name: str, **overrides) -> dict:
     """The VisionTransformer arguments of preset `name`, with `overrides` applied."""
     if name not in PRESETS:
@@ -40,8 +52,10 @@ def build_model(name: str, **overrides) -> VisionTransformer:
 
 
 @torch.no_grad()
-def flops_per_image(model: VisionTransformer, img_size: int | tuple[int, int] | None = None) -> int:
-    """Forward FLOPs of one image (2 x multiply-accumulates of convs, linears and attention matmuls).
+def flops_per_image(model: VisionTransformer, img_size: int | tuple[int, int] | None = None, *,
+                    parts: tuple[nn.Module, ...] = ()) -> int:
+    """Forward FLOPs of one image (2 x multiply-accumulates of convs, linears and attention matmuls); with `parts`,
+    of the modules inside those only (an MAE's encoder: its patch embedding and blocks).
 
     Norms, activations and softmax are left out, as in the ViT paper's and the MFU literature's counts.
     Counted from one real batch-1 forward with hooks, so the hybrid stem, any img_size and the class-token
@@ -62,7 +76,8 @@ def flops_per_image(model: VisionTransformer, img_size: int | tuple[int, int] | 
             macs += 2 * output.shape[1] * keys * dim  # q @ k^T and attn @ v over all heads
 
     counted = (nn.Conv2d, nn.Linear, Attention)
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, counted)]
+    handles = [m.register_forward_hook(count) for part in (parts or (model,)) for m in part.modules()
+               if isinstance(m, counted)]
     param = next(model.parameters())
     was_training = model.training
     try:

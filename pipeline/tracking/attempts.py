@@ -90,6 +90,11 @@ class AttemptMetrics:
         self.last_val.update({key: (value, step, timestamp_ms) for key, value in metrics.items()
                               if key.startswith(VAL_PREFIXES)})
 
+    def log_images(self, images: Mapping, step: int) -> None:
+        """An evaluation's pictures (key -> (H, W, 3) uint8) into the job's run, off the training thread."""
+        if self.models is not None:
+            self.models.add_images(step, images)
+
     def carried(self) -> dict:
         """For the checkpoint being saved: the metrics of the job's run not yet known to be stored there, which
         the attempt that resumes from it logs if the job's run lacks them, and the latest val metrics."""

@@ -22,6 +22,8 @@ import tempfile
 import threading
 from collections.abc import Mapping
 
+import numpy as np
+
 from pipeline.internals import bounded_mlflow_http
 from pipeline.tracking.run_record import flatten_params
 
@@ -86,26 +88,28 @@ def latest_value(model, key: str) -> float | None:
     return max(values)[2] if values else None
 
 
-def best_checkpoint_model(client, run_id: str, metric: str = BEST_METRIC):
-    """The run's checkpoint model with the highest `metric` (the later one on a tie), or None when no checkpoint
+def best_checkpoint_model(client, run_id: str, metric: str = BEST_METRIC, higher_is_better: bool = True):
+    """The run's checkpoint model with the best `metric` (the later one on a tie), or None when no checkpoint
     has it."""
-    scored = [(value, int(model.tags[STEP_TAG]), model) for model in checkpoint_models(client, run_id)
+    sign = 1 if higher_is_better else -1
+    scored = [(sign * value, int(model.tags[STEP_TAG]), model) for model in checkpoint_models(client, run_id)
               if (value := latest_value(model, metric)) is not None]
     return max(scored, key=lambda item: item[:2])[2] if scored else None
 
 
-def register_best(uri: str, run_id: str, name: str):
-    """Register the run's best checkpoint (by val/top1) as a new version of the registered model `name`; the
-    ModelVersion, or None (with a warning) when no checkpoint was evaluated."""
+def register_best(uri: str, run_id: str, name: str, metric: str = BEST_METRIC, higher_is_better: bool = True):
+    """Register the run's best checkpoint (by `metric`: the objective's, val/top1 for a classifier) as a new
+    version of the registered model `name`; the ModelVersion, or None (with a warning) when no checkpoint was
+    evaluated."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     client = MlflowClient(uri)
-    best = best_checkpoint_model(client, run_id)
+    best = best_checkpoint_model(client, run_id, metric, higher_is_better)
     if best is None:
         log.warning("tracking.register_as=%s: no checkpoint of run %s has %s, nothing registered", name, run_id,
-                    BEST_METRIC)
+                    metric)
         return None
     try:
         client.create_registered_model(name)
@@ -119,7 +123,7 @@ def register_best(uri: str, run_id: str, name: str):
     linked = json.loads(best.tags.get(MLFLOW_MODEL_VERSIONS, "[]")) + [{"name": name, "version": str(version.version)}]
     client.set_logged_model_tags(best.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
     log.info("registered %s version %s: the checkpoint at step %s (%s %.4f), models:/%s", name, version.version,
-             best.tags[STEP_TAG], BEST_METRIC, latest_value(best, BEST_METRIC), best.model_id)
+             best.tags[STEP_TAG], metric, latest_value(best, metric), best.model_id)
     return version
 
 
@@ -147,9 +151,9 @@ def resolve_model(uri: str, spec: str):
 
 
 class CheckpointModels:
-    """Rank 0's logged models of committed checkpoints, made by one background thread in commit order, so that
-    training never waits on the tracking store for them (a few requests each, bounded to 10 s). A store that is
-    down costs a warning per checkpoint, not training.
+    """Rank 0's logged models of committed checkpoints, and the pictures of its evaluations, sent by one background
+    thread in order, so that training never waits on the tracking store for them (a few requests each, bounded to
+    10 s). A store that is down costs a warning per checkpoint or picture, not training.
 
     models = CheckpointModels(uri, run_id, run_name="pretrain-…", params={...}, val_dataset=("digits/val", "3f…"))
     models.add(300, "s3://…/checkpoint_000002", {"val/top1": (0.78, 300, 1764…)})
@@ -170,6 +174,11 @@ class CheckpointModels:
         an attempt resumes from, whose model its lost predecessor may not have made)."""
         self._queue.put((step, location, dict(val), unless_made))
 
+    def add_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """An evaluation's pictures at `step` (key -> (H, W, 3) uint8), as MLflow images of the job's run: the run
+        page shows each key's picture at every step."""
+        self._queue.put((step, None, dict(images), False))
+
     def _run(self) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import LoggedModelStatus
@@ -180,6 +189,10 @@ class CheckpointModels:
             try:
                 with bounded_mlflow_http(10):
                     client = client or MlflowClient(tracking_uri=self.uri)
+                    if location is None:
+                        for key, image in val.items():
+                            client.log_image(self.run_id, image, key=key, step=step)
+                        continue
                     experiment_id = experiment_id or client.get_run(self.run_id).info.experiment_id
                     if unless_made:
                         made = [m for m in checkpoint_models(client, self.run_id, ready=False)
@@ -192,7 +205,8 @@ class CheckpointModels:
                                             name=f"{self.run_name}-step-{step}", step=step, location=location,
                                             params=self.params, val=val, val_dataset=self.val_dataset)
             except Exception as exc:  # a tracking outage must not stop training
-                log.warning("MLflow logged model of the checkpoint at step %d not made (%s)", step,
+                log.warning("MLflow %s at step %d not %s (%s)", "logged model of the checkpoint" if location else
+                            "pictures of the evaluation", step, "made" if location else "logged",
                             " ".join(str(exc).split())[:200])
             finally:
                 self._queue.task_done()

@@ -18,7 +18,7 @@ converter writes stays in a private temporary folder.
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,8 @@ WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.json"
-SCORE_KEY = "checkpoint_score"  # in each checkpoint's report: its val/top1 (-inf before the first evaluation)
+# in each checkpoint's report: its objective's score, higher better (val/top1; MAE's -val/loss); -inf before an eval
+SCORE_KEY = "checkpoint_score"
 
 
 @dataclass
@@ -48,6 +49,12 @@ class LoopState:
     world_size: int = 0  # of the attempt that saved it
     bad_samples: dict = field(default_factory=dict)  # the train ledger's totals (BadSampleReport) at the record
     job_run_metrics: dict = field(default_factory=dict)  # rank 0's, not yet known stored (tracking/attempts.py)
+
+    def advance(self, epoch: int, images: int) -> None:
+        """One optimizer step more, of `images` training images, in `epoch`."""
+        self.step += 1
+        self.epoch = epoch
+        self.images_seen += images
 
     def epoch_record(self) -> EpochRecord:
         return EpochRecord.from_json(asdict(self))
@@ -76,12 +83,15 @@ def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint_collective(engine, directory: str | Path, *, rank: int, state: LoopState, model_config: dict,
-                               ema_weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Every rank (a collective): DeepSpeed shards, then the gathered weights; rank 0 also writes the files that
-    need one copy."""
+                               ema_weights: dict[str, torch.Tensor] | None = None,
+                               export: Callable[[dict], dict] | None = None) -> None:
+    """Every rank (a collective): DeepSpeed shards, then the gathered weights (`export`ed: an objective's, such as
+    MAE's encoder alone); rank 0 also writes the files that need one copy."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"loop_state": asdict(state)})
     weights = gather_full_state_dict(engine)
+    if export is not None:
+        weights = export(weights)
     if rank == 0:
         save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         if ema_weights is not None:
@@ -123,12 +133,14 @@ def check_compatible(directory: str | Path, model: nn.Module) -> None:
 
 
 def load_checkpoint(engine, directory: str | Path, *, local_rank: int | None = None,
-                    scratch_dir: str | Path | None = None) -> LoopState:
+                    scratch_dir: str | Path | None = None, weights_model: nn.Module | None = None) -> LoopState:
     """Restore model, optimizer, scheduler and the loop state from a checkpoint directory (every rank: a
     collective). A ZeRO checkpoint saved by another number of ranks is converted on the way, once per machine
     (pipeline/train/reshard.py): `local_rank` (default: the engine's, from LOCAL_RANK) says which rank of this
-    machine converts, `scratch_dir` (default: the temporary directory) where. `directory` is only read."""
-    check_compatible(directory, engine.module)
+    machine converts, `scratch_dir` (default: the temporary directory) where. `directory` is only read.
+    `weights_model` (default: the engine's module) is the model whose weights its model.safetensors must hold:
+    an objective that exports part of its module (MAE: the encoder) passes that part."""
+    check_compatible(directory, engine.module if weights_model is None else weights_model)
     if not (Path(directory) / DEEPSPEED_TAG).is_dir():
         raise FileNotFoundError(f"{directory} holds no DeepSpeed state ({DEEPSPEED_TAG}/): cannot resume from it")
     layout = saved_layout(Path(directory) / DEEPSPEED_TAG, engine.checkpoint_engine.load)

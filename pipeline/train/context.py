@@ -53,7 +53,7 @@ class TrainContext(Protocol):
 
     def start_ledgers(self, count: int, max_bad_fraction: float, min_samples: int) -> list: ...
 
-    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
+    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int | None, ledger,
                      equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0,
                      skip: dict | None = None): ...
 
@@ -118,7 +118,7 @@ class LocalContext:
 
         return [LocalLedger(max_bad_fraction, min_samples) for _ in range(count)]
 
-    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
+    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int | None, ledger,
                      equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0,
                      skip: dict | None = None):
         from pipeline.data.device_decode import on_device

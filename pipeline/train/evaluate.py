@@ -1,4 +1,7 @@
-"""Evaluation over every image of the val split, summed over all ranks."""
+"""Evaluation over every image of a split, summed over all ranks: the batches every rank walks together, and the
+classifier's loss, top-1 and top-5."""
+
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -7,28 +10,35 @@ import torch.nn.functional as F
 from pipeline.train.inputs import InputPipeline
 
 
-@torch.no_grad()
-def evaluate_collective(model, stream, inputs: InputPipeline, *, batch_size: int, world_size: int,
-             image_shape: tuple[int, int, int]) -> dict[str, float]:
-    """Loss, top-1 and top-5 over every image of the val split, summed over ranks (a collective).
+def collective_batches(stream, *, batch_size: int, world_size: int, device: torch.device) -> Iterator[dict | None]:
+    """Every batch of this rank's stream, then None while other ranks still have batches, until all are done (a
+    collective at each batch).
 
-    The ranks' streams may differ in length by a batch (the split is not trimmed to equal sizes, so no image
-    is dropped); a rank that has run out joins the others' remaining forwards with a dummy batch, because
-    under ZeRO-3 every forward gathers parameters from all ranks.
+    The ranks' streams may differ in length by a batch (an eval split is not trimmed to equal sizes, so no image
+    is dropped). A rank given None must still run the forward the others run, on a dummy batch, because under
+    ZeRO-3 every forward gathers parameters from all ranks.
     """
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=inputs.device)  # loss sum, top-1, top-5, images
     batches = iter(stream.iter_torch_batches(batch_size=batch_size, drop_last=False))
     while True:
         batch = next(batches, None)
         if world_size > 1:
-            more = torch.tensor([batch is not None], dtype=torch.int32, device=inputs.device)
+            more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
             dist.all_reduce(more, op=dist.ReduceOp.MAX)
             if not more.item():
-                break
+                return
         elif batch is None:
-            break
+            return
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_collective(model, stream, inputs: InputPipeline, *, batch_size: int, world_size: int,
+                        image_shape: tuple[int, int, int]) -> dict[str, float]:
+    """Loss, top-1 and top-5 over every image of the val split, summed over ranks (a collective)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=inputs.device)  # loss sum, top-1, top-5, images
+    for batch in collective_batches(stream, batch_size=batch_size, world_size=world_size, device=inputs.device):
         if batch is None:
             model(torch.zeros((1, *image_shape), dtype=inputs.dtype, device=inputs.device))
             continue

@@ -11,7 +11,11 @@ start-up at every epoch boundary on 2 cores, a reused split ~1.5 s (docs/benchma
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,11 +31,14 @@ from pipeline.data.worker_batches import WorkerBatches
 log = logging.getLogger(__name__)
 
 
-class TrainFeed:
-    """Yields (epoch, batch) forever from `epochs()`; `record_collective()` says which samples of the epoch in
-    progress all ranks together have accounted for."""
+SAMPLE_LOG_ENV = "VIT_PIPELINE_SAMPLE_LOG"
 
-    def __init__(self, ctx, shards: ShardSet, cfg: DataConfig, *, batch_size: int, num_classes: int, ledger,
+
+class TrainFeed:
+    """Yields (epoch, batch) forever from `epochs()`, or with the wait for each from `steps()`;
+    `record_collective()` says which samples of the epoch in progress all ranks together have accounted for."""
+
+    def __init__(self, ctx, shards: ShardSet, cfg: DataConfig, *, batch_size: int, num_classes: int | None, ledger,
                  device: torch.device):
         self.ctx = ctx
         self.shards = shards
@@ -42,6 +49,25 @@ class TrainFeed:
         self.device = device
         self.tally: SampleTally | None = None
         self.worker_batches: WorkerBatches | None = None
+
+    def steps(self, record: EpochRecord, first_step: int) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
+        """(epoch, batch, seconds waited for it) of steps `first_step`, `first_step` + 1, …, starting inside
+        `record.epoch` as `epochs()` does; with VIT_PIPELINE_SAMPLE_LOG set, each step's samples go to the sample log
+        (`open_sample_log_collective`; opening it is a collective)."""
+        sample_log = open_sample_log_collective(self.ctx.rank, self.ctx.world_size, self.ctx.cpu_group)
+        batches = self.epochs(record)
+        try:
+            for step in itertools.count(first_step):
+                wait_start = time.perf_counter()
+                epoch, batch = next(batches)
+                data_wait_s = time.perf_counter() - wait_start
+                if sample_log is not None:
+                    sample_log.write(json.dumps({"step": step, "epoch": epoch, "samples": self.sample_ids(batch)})
+                                     + "\n")
+                yield epoch, batch, data_wait_s
+        finally:
+            if sample_log is not None:
+                sample_log.close()
 
     def epochs(self, record: EpochRecord) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Starts inside `record.epoch`, after the samples it accounts for."""
@@ -119,3 +145,19 @@ class TrainFeed:
     def metrics(self) -> dict[str, float]:
         return self.worker_batches.metrics() if self.worker_batches else {}
 
+
+
+def open_sample_log_collective(rank: int, world_size: int, group=None):
+    """With VIT_PIPELINE_SAMPLE_LOG=<folder> (on every worker): a file there per rank and attempt,
+    `attempt-<start ns>-rank<r>of<w>.jsonl` (rank 0's start time, so later attempts sort later), with one JSON
+    line per step holding the (shard, position) of every sample the rank trained on: to audit what a run saw
+    (which samples a loss spike came from; that resumes repeat none). Off by default. Line-buffered, so a lost
+    worker loses no step it logged. A collective when on."""
+    folder = os.environ.get(SAMPLE_LOG_ENV)
+    if not folder:
+        return None
+    started = [time.time_ns()]
+    if world_size > 1:
+        dist.broadcast_object_list(started, src=0, group=group)
+    os.makedirs(folder, exist_ok=True)
+    return open(os.path.join(folder, f"attempt-{started[0]}-rank{rank}of{world_size}.jsonl"), "a", buffering=1)

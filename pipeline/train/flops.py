@@ -6,7 +6,10 @@ checkpointing is not counted. Achieved TFLOP/s are per device (per Train worker:
 which is what MFU compares with one card's peak. The peak is dense bf16 from a table of known cards, or given.
 """
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from pipeline.model import VisionTransformer, flops_per_image
 
@@ -40,11 +43,11 @@ def mfu(forward_flops_per_image: float, images_per_s: float, peak_flops_per_s: f
     return achieved_flops(forward_flops_per_image, images_per_s) / peak_flops_per_s
 
 
-def model_flops_per_image(model_args: dict) -> int:
-    """Forward FLOPs of one image for `VisionTransformer(**model_args)`, counted on a meta-device copy (no memory,
-    no compute, no compiled graph touched)."""
+def model_flops_per_image(model_args: dict, build: Callable[..., nn.Module] = VisionTransformer) -> int:
+    """Forward FLOPs of one image for `build(**model_args)` (a ViT, or an objective's module around it, as its
+    forward runs), counted on a meta-device copy (no memory, no compute, no compiled graph touched)."""
     with torch.device("meta"):
-        return flops_per_image(VisionTransformer(**model_args))
+        return flops_per_image(build(**model_args))
 
 
 def device_peak_flops(device: torch.device, peak_tflops: float = 0.0) -> tuple[float | None, str]:

@@ -6,11 +6,14 @@
 or `.pth`/`.pt`/`.bin` loaded with `weights_only=True`), each local or at a storage URI (`s3://…`). The
 fine-tune model may be built at a higher resolution than the weights were trained at: the position
 embeddings are resampled when the weights are loaded (bicubic, [class] slot kept). The head is dropped, to be
-re-initialised, when the class count differs or `finetune.reset_head` is set. Every other key must match in
-name and shape, or the job stops naming them.
+re-initialised, when the class count differs, the weights have none (an MAE encoder) or `finetune.reset_head` is
+set. An MAE checkpoint's decoder and mask token are dropped (MAE's official `{"model": …}` files too), and a final
+norm in the other place than the fine-tune's pooling wants starts fresh. Every other key must match in name and
+shape, or the job stops naming them.
 """
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -23,10 +26,14 @@ from safetensors.torch import load_file
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.model.mae import DECODER_KEYS
 from pipeline.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
 
 RUN_PREFIX = "runs:/"
 HEAD_KEYS = ("head.weight", "head.bias")
+FINAL_NORM_KEYS = ("norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias")
 POS_EMBED_KEY = "pos_embed"
 
 
@@ -130,15 +137,38 @@ def _trained_img_size(state: dict[str, torch.Tensor]) -> int:
     return math.isqrt(state[POS_EMBED_KEY].shape[1]) * state["patch_embed.proj.weight"].shape[-1]
 
 
+def fresh_keys(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor], *, reset_head: bool) -> set[str]:
+    """The model's keys that keep their own initialisation rather than come from `state`: the head when it is new
+    (`reset_head`, or weights without one), and the final norm where the weights had theirs in the other place."""
+    fresh = {key for key in HEAD_KEYS if key in model_state and (reset_head or key not in state)}
+    return fresh | {key for key in FINAL_NORM_KEYS if key in model_state and key not in state}
+
+
 def check_init_weights(source: InitSource, model_state: dict[str, torch.Tensor], *, reset_head: bool) -> InitWeights:
-    """Check the weights fit the model whose (meta) state_dict is `model_state`, and decide the head."""
+    """Check the weights fit the model whose (meta) state_dict is `model_state`, and decide the head.
+
+    An MAE checkpoint's decoder and mask token (its own or MAE's official layout) are dropped: the encoder is what
+    is fine-tuned. Weights with the final norm in the other place than the model's (`norm` before pooling, as MAE's
+    encoder and a [class]-token model have it, against `fc_norm` after average pooling, or the other way) drop
+    theirs, and the model's starts fresh, as MAE's fine-tuning does."""
     state = source.state_dict
+    decoder = [key for key in state if key.startswith(DECODER_KEYS) and key not in model_state]
+    moved_norm = [key for key in state if key in FINAL_NORM_KEYS and key not in model_state]
+    if decoder:
+        log.info("init_from: the MAE decoder and mask token (%d tensors) are dropped; the encoder is fine-tuned",
+                 len(decoder))
+    if moved_norm:
+        log.info("init_from: the weights' final norm (%s) is not in this model's place (%s): it starts fresh",
+                 moved_norm[0].split(".")[0], "fc_norm, after average pooling" if "fc_norm.weight" in model_state
+                 else "norm, before pooling")
+    state = {key: value for key, value in state.items() if key not in {*decoder, *moved_norm}}
     head_differs = any(key in state and key in model_state and state[key].shape != model_state[key].shape
                        for key in HEAD_KEYS)
-    drop_head = reset_head or head_differs
+    drop_head = reset_head or head_differs or not any(key in state for key in HEAD_KEYS)
+    fresh = fresh_keys(state, model_state, reset_head=drop_head)
     problems = []
     for key, expected in model_state.items():
-        if key in HEAD_KEYS and drop_head:
+        if key in fresh:
             continue
         if key not in state:
             problems.append(f"{key}: missing from the weights")

@@ -23,6 +23,7 @@ from ray.train import UserCallback
 
 from pipeline import console, storage
 from pipeline.train.context import JobFailed
+from pipeline.train.objectives import build_objective
 from pipeline.train.resolved_job import ResolvedJob
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,9 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
         if job.tracking.register_as:
             from pipeline.tracking.models import register_best
 
-            version = register_best(run.tracking_uri, run_id, job.tracking.register_as)
+            objective = build_objective(job, run.model_args)
+            version = register_best(run.tracking_uri, run_id, job.tracking.register_as, objective.score_metric,
+                                    objective.higher_is_better)
             registered = f"models:/{version.name}/{version.version}" if version else ""
     except TrainingFailedError as err:
         finish_run(run.tracking_uri, run_id, "FAILED")
@@ -167,7 +170,8 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
 
 def checkpoint_config(job):
     """Ray keeps the newest `train.keep_checkpoints`, or, when the best checkpoint is to be registered, the best
-    ones by val/top1 (`checkpoint_score` in the report); the latest is always kept, to resume from."""
+    ones by the objective's score (`checkpoint_score` in the report: val/top1, or MAE's val loss); the latest is
+    always kept, to resume from."""
     from ray.train import CheckpointConfig
 
     from pipeline.train.checkpoint import SCORE_KEY
@@ -255,7 +259,7 @@ def record_outcome(run: ResolvedJob, checkpoint_path: str) -> str:
 
     job, run_id, tracking_uri = run.job, run.mlflow_run_id, run.tracking_uri
     client = MlflowClient(tracking_uri)
-    curves = ("train/loss", "val/top1")
+    curves = build_objective(job, run.model_args).curves
     figure = plot_curves(metric_histories(tracking_uri, [run_id], metrics=curves), metrics=curves,
                          title=job.tracking.run_name or run_id)
     log_run_artifacts(tracking_uri, run_id, config_yaml=run.to_yaml(), figures={"curves": figure})

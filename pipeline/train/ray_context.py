@@ -135,7 +135,7 @@ class RayTrainContext:
         names = self._broadcast([ledger.name for ledger in ledgers] if ledgers else None)
         return ledgers or [attach_ledger(name, max_bad_fraction, min_samples) for name in names]
 
-    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int, ledger,
+    def image_stream(self, shards: ShardSet, cfg: DataConfig, *, train: bool, num_classes: int | None, ledger,
                      equal: bool = True, shuffle_files: bool | None = None, first_epoch: int = 0,
                      skip: dict | None = None):
         """Rank 0 builds the dataset and splits it into `world_size` streams (`equal`: trimmed to the same

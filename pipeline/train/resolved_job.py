@@ -23,6 +23,7 @@ import yaml
 from pipeline import storage
 from pipeline.config import ConfigError, JobConfig, plain
 from pipeline.data.shard_set import ShardSet, read_shard_set
+from pipeline.train.objectives import build_objective, objective_type
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class ResolvedJob:
 
     def model_params(self) -> dict:
         """A checkpoint's logged-model params (MLflow's Models tab): what the model is, flattened by the tracker."""
-        return {"kind": self.kind, "model_args": self.model_args, "num_classes": len(self.classes)}
+        return {"kind": self.kind, "objective": self.job.train.objective, "model_args": self.model_args,
+                "num_classes": len(self.classes)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(plain(self.record()), sort_keys=False)
@@ -92,6 +94,13 @@ def resolve_job(job: JobConfig, kind: str) -> tuple[ResolvedJob, dict[str, torch
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "pretrain" and job.init_from:
         raise ConfigError("init_from starts from pretrained weights: use jobs/finetune.py")
+    if kind == "finetune" and job.train.objective != "supervised":
+        raise ConfigError(f"train.objective={job.train.objective}: a fine-tune learns the class labels (supervised); "
+                          "pretrain with jobs/pretrain.py, then fine-tune with init_from=runs:/<that run>")
+    if job.train.objective == "mae":
+        from pipeline.train.objectives.mae import resolve_decoder
+
+        job = resolve_decoder(job)  # recorded with the run: the decoder sizes it trains
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
     try:
         check_tracking_reachable(tracking_uri)
@@ -146,7 +155,9 @@ def read_split(key: str, spec) -> ShardSet:
 
 
 def resolve_data(job: JobConfig) -> tuple[JobConfig, ShardSet, ShardSet | None, list[str]]:
-    """Both splits read once, the classes and their count; training needs every shard's sample count."""
+    """Both splits read once, the classes and their count; training needs every shard's sample count. An objective
+    that learns without labels (MAE) reads shards with none, and makes no label check: its classes are the
+    manifest's, for its monitors, or none."""
     if not job.data.train:
         raise ConfigError("data.train is empty: give the training shards (a list, a glob or a brace pattern)")
     data = dataclasses.replace(job.data, train=absolute_shard_spec(job.data.train),
@@ -155,15 +166,16 @@ def resolve_data(job: JobConfig) -> tuple[JobConfig, ShardSet, ShardSet | None, 
     if train_shards.counts is None:
         raise ConfigError(f"data.train: no manifest beside {train_shards.uris[0]}: training needs the sample count "
                           "of every shard; write one with `python jobs/make_shards.py --source shards:PATTERN`")
+    needs_labels = objective_type(job.train.objective).needs_labels
     problem = train_shards.label_problem(data.label_key)
-    if problem:
+    if problem and needs_labels:
         raise ConfigError(f"data.train: {problem}")
     val_shards = read_split("data.val", data.val) if data.val else None
     classes = train_shards.classes or [str(i) for i in range(job.data.num_classes)]
     if job.data.num_classes and job.data.num_classes != len(classes):
         raise ConfigError(f"data.num_classes {job.data.num_classes} differs from the {len(classes)} classes "
                           "of the train manifest")
-    if not classes:
+    if not classes and needs_labels:
         raise ConfigError("data.train: the manifest names no classes; set data.num_classes=N (labels 0..N-1), or "
                           "index the shards with `python jobs/make_shards.py --source shards:PATTERN --classes a,b,c`")
     job = dataclasses.replace(job, data=dataclasses.replace(data, num_classes=len(classes)))
@@ -171,22 +183,21 @@ def resolve_data(job: JobConfig) -> tuple[JobConfig, ShardSet, ShardSet | None, 
 
 
 def resolve_model(job: JobConfig, classes: list[str]) -> dict:
-    """The model's arguments, checked by building it on the meta device: an impossible architecture fails
-    here, in one line."""
+    """The arguments of the ViT whose weights the run exports (an MAE run's: its encoder's), checked by building
+    the objective's module on the meta device: an impossible architecture fails here, in one line."""
     from pipeline.model import preset_kwargs
-    from pipeline.model.vit import VisionTransformer
 
     overrides = {"img_size": job.data.img_size, "num_classes": len(classes), "drop_path_rate": job.model.drop_path_rate,
                  "drop_rate": job.model.drop_rate, **job.model.args}
     if job.model.global_pool:
         overrides["global_pool"] = job.model.global_pool
     try:
-        model_args = preset_kwargs(job.model.preset, **overrides)
+        objective = build_objective(job, preset_kwargs(job.model.preset, **overrides))
         with torch.device("meta"):
-            VisionTransformer(**model_args)
+            objective.build_module()
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from err
-    return plain(model_args)
+    return plain(objective.model_args)
 
 
 def check_resumable(path: str, model_args: dict) -> None:

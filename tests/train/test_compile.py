@@ -13,7 +13,7 @@ import pytest
 ENGINES = textwrap.dedent("""
     import dataclasses, json, os, sys, tempfile
     import torch
-    from pipeline.train.loop import use_cpu_deepspeed
+    from pipeline.train.engine import use_cpu_deepspeed
     use_cpu_deepspeed()
     import torch.distributed as dist
     from torch._dynamo.utils import counters
@@ -22,7 +22,8 @@ ENGINES = textwrap.dedent("""
     from pipeline.train.checkpoint import LoopState, load_checkpoint, read_weights, save_checkpoint_collective
     from pipeline.train.evaluate import evaluate_collective
     from pipeline.train.inputs import InputPipeline
-    from pipeline.train.loop import build_engine, eager_forward, train_step
+    from pipeline.train.engine import build_engine, eager_forward, train_step
+    from pipeline.train.objectives import build_objective
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.set_num_threads(1)
@@ -36,13 +37,13 @@ ENGINES = textwrap.dedent("""
             model=dataclasses.replace(job.model, grad_checkpointing=grad_checkpointing),
             train=dataclasses.replace(job.train, steps=10, global_batch_size=6, micro_batch_size=3, num_workers=1,
                                       zero_stage=stage, device="cpu", precision="fp32", compile=compile))
-        return build_engine(job.validate(), MODEL, 1, torch.device("cpu"))[0]
+        return build_engine(job.validate(), build_objective(job, MODEL), 1, torch.device("cpu"))[0]
 
     def step(engine, number):
         generator = torch.Generator().manual_seed(1000)  # the same batch each step: the loss falls
         images = torch.randn(6, 3, 16, 16, generator=generator)
         targets = torch.randint(0, 10, (6,), generator=generator)
-        return train_step(engine, images, targets, micro_batch=3, accum=2, label_smoothing=0.1).item()
+        return train_step(engine, build_objective(JobConfig(), MODEL), images, targets, micro_batch=3, accum=2).item()
 
     class Stream:  # what evaluate_collective reads: batches of uint8 images and labels, the last one partial
         def iter_torch_batches(self, batch_size, drop_last):

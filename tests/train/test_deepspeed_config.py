@@ -30,12 +30,13 @@ def test_deepspeed_config_follows_the_typed_settings():
 ENGINES = textwrap.dedent("""
     import json, os, sys
     import torch
-    from pipeline.train.loop import use_cpu_deepspeed
+    from pipeline.train.engine import use_cpu_deepspeed
     use_cpu_deepspeed()
     import torch.distributed as dist
     from pipeline.config import load_job_config
     from pipeline.model import preset_kwargs
-    from pipeline.train.loop import build_engine, train_step
+    from pipeline.train.engine import build_engine, train_step
+    from pipeline.train.objectives import build_objective
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -43,13 +44,14 @@ ENGINES = textwrap.dedent("""
     for num_classes in (3, 5, 7, 1000):
         for stage in (1, 2, 3):
             job = load_job_config(None, [f"train.zero_stage={stage}", "train.num_workers=1",
-                                         "train.global_batch_size=4", "data.img_size=32"])
+                                         "train.global_batch_size=4", "data.img_size=32", "optim.label_smoothing=0"])
             args = preset_kwargs("vit_demo_patch4_32", num_classes=num_classes, img_size=32)
-            engine, _ = build_engine(job, args, 1, torch.device("cpu"))
+            objective = build_objective(job, args)
+            engine, _ = build_engine(job, objective, 1, torch.device("cpu"))
             before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
             images = torch.randn(4, 3, 32, 32)
             targets = torch.randint(0, num_classes, (4,))
-            loss = train_step(engine, images, targets, micro_batch=4, accum=1, label_smoothing=0.0)
+            loss = train_step(engine, objective, images, targets, micro_batch=4, accum=1)
             changed = stage == 3 or any(not torch.equal(before[n], p) for n, p in engine.module.named_parameters())
             zero = engine.config["zero_optimization"]
             results.append({"classes": num_classes, "stage": stage, "loss": loss.item(), "changed": changed,

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.model import build_model, flops_per_image, preset_kwargs
 from pipeline.train import flops
-from pipeline.train.loop import Progress
+from pipeline.train.progress import Progress
 
 
 def test_mfu_arithmetic_and_peak_lookup():

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from pipeline.config import ConfigError
 from pipeline.model import build_model
+from pipeline.train.engine import load_into_model
 from pipeline.train.init_weights import check_init_weights, locate_init
-from pipeline.train.loop import load_into_model
 
 
 def meta_state(name: str, **overrides) -> dict:

@@ -3,7 +3,7 @@ import shutil
 import subprocess
 import sys
 
-from pipeline.train.loop import use_cpu_deepspeed
+from pipeline.train.engine import use_cpu_deepspeed
 
 
 def test_cpu_deepspeed_builds_its_ops_with_the_ninja_installed_beside_it(monkeypatch):

@@ -24,12 +24,13 @@ SAVED_AT = 2  # steps before the checkpoint
 WORKER = textwrap.dedent("""
     import argparse, dataclasses, json, logging, os, shutil, sys
     import torch
-    from pipeline.train.loop import use_cpu_deepspeed
+    from pipeline.train.engine import use_cpu_deepspeed
     use_cpu_deepspeed()
     import torch.distributed as dist
     from pipeline.config import JobConfig
     from pipeline.train.checkpoint import LoopState, gather_full_state_dict, load_checkpoint, save_checkpoint_collective
-    from pipeline.train.loop import build_engine, train_step
+    from pipeline.train.engine import build_engine, train_step
+    from pipeline.train.objectives import build_objective
 
     spec = json.loads(sys.argv[1])
     rank, world = spec["rank"], spec["world"]
@@ -50,7 +51,7 @@ WORKER = textwrap.dedent("""
             job, data=dataclasses.replace(job.data, img_size=16),
             train=dataclasses.replace(job.train, steps=10, global_batch_size=6, micro_batch_size=0, num_workers=world,
                                       zero_stage=stage, device="cpu", precision="fp32"))
-        return build_engine(job.validate(), MODEL, world, torch.device("cpu"))[0]
+        return build_engine(job.validate(), build_objective(job, MODEL), world, torch.device("cpu"))[0]
 
     def step(engine, number):
         # the same global batch of 6 (1, 2 and 3 ranks divide it) for step `number`; this rank's slice of it
@@ -58,7 +59,8 @@ WORKER = textwrap.dedent("""
         images = torch.randn(6, 3, 16, 16, generator=generator)
         targets = torch.randint(0, 10, (6,), generator=generator)
         part = slice(rank * 6 // world, (rank + 1) * 6 // world)
-        loss = train_step(engine, images[part], targets[part], micro_batch=6 // world, accum=1, label_smoothing=0.1)
+        loss = train_step(engine, build_objective(JobConfig(), MODEL), images[part], targets[part],
+                          micro_batch=6 // world, accum=1)
         total = loss.detach() * (6 // world)
         dist.all_reduce(total)
         return (total / 6).item()

@@ -36,6 +36,15 @@ def test_yaml_then_overrides_with_ml_style_floats(tmp_path):
     (["train.steps"], "is not of the form section.key=value"),
     (["train.compile=3"], "train.compile: 3 is not a bool"),
     (["train.peak_tflops=-1"], "train.peak_tflops must be >= 0 (0 looks the GPU up in a table of known cards)"),
+    (["train.objective=simclr"], "train.objective must be one of supervised, mae; got 'simclr'"),
+    (["train.objective=mae", "mae.mask_ratio=1.0"], "mae.mask_ratio must be in (0, 1); got 1.0"),
+    (["train.objective=mae", "mae.mask_ratio=0"], "mae.mask_ratio must be in (0, 1); got 0.0"),
+    (["mae.decoder_embed_dim=100", "mae.decoder_num_heads=16"],
+     "mae.decoder_num_heads 16 must divide decoder_embed_dim 100"),
+    (["train.objective=mae", "optim.mixup_alpha=0.8"],
+     "optim.mixup_alpha is 0.8, but train.objective=mae learns without labels, so there are none to mix"),
+    (["train.objective=mae", "optim.cutmix_alpha=1.0"], "optim.cutmix_alpha is 1.0, but train.objective=mae"),
+    (["train.objective=mae", "finetune.ema_decay=0.99"], "finetune.ema_decay is for supervised runs"),
 ])
 def test_bad_configs_fail_with_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as err:

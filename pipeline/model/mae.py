@@ -109,6 +109,9 @@ class MaskedAutoencoder(VisionTransformer):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        return {*super().no_weight_decay(), "mask_token"}
+
     def random_masking(self, x: torch.Tensor, noise: torch.Tensor | None = None):
         """Keep `num_visible` tokens of each sample, those of the lowest noise. Returns the visible tokens, the
         mask (B, N) with 1 where masked, and the permutation that puts tokens back in grid order."""

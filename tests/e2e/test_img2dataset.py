@@ -1,6 +1,7 @@
 """Shards made by the real img2dataset tool, as users have them: images served by a loopback HTTP server,
-downloaded into `00000.tar …` with `_stats.json` and `.parquet` beside them, labels in the `.json`, three
-classes. They are indexed in place and trained on (DeepSpeed ZeRO-2, 2 workers, an odd parameter count)."""
+downloaded into `00000.tar …` with `_stats.json` and `.parquet` beside them. With labels in the `.json` (three
+classes) they are indexed in place and trained on (DeepSpeed ZeRO-2, 2 workers, an odd parameter count); with
+captions and no label at all, as web-scale shards come, MAE pretrains on them and a fine-tune starts from it."""
 
 import functools
 import http.server
@@ -62,15 +63,17 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def run_img2dataset(urls, out: Path, *, per_shard: int) -> None:
+def run_img2dataset(urls, out: Path, *, per_shard: int, labels: bool = True) -> None:
+    """img2dataset over the server's URLs, each with a caption; with `labels`, the class saved as a `.json` key."""
     if not IMG2DATASET.exists():
         pytest.fail(f"{IMG2DATASET} is missing: `make test` builds it (or run the Makefile target for it)")
     url_list = out.parent / "urls.csv"
     url_list.write_text("url,caption,label\n" + "".join(f"{url},a {CLASSES[label]} picture,{label}\n"
                                                        for url, label in urls))
+    extra = ["--save_additional_columns", '["label"]'] if labels else []
     done = subprocess.run(
         [str(IMG2DATASET), "--url_list", str(url_list), "--input_format", "csv", "--url_col", "url",
-         "--caption_col", "caption", "--save_additional_columns", '["label"]', "--output_format", "webdataset",
+         "--caption_col", "caption", *extra, "--output_format", "webdataset",
          "--output_folder", str(out), "--number_sample_per_shard", str(per_shard), "--processes_count", "1",
          "--thread_count", "4", "--resize_mode", "no", "--enable_wandb", "False", "--retries", "0"],
         capture_output=True, text=True, timeout=300, env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"},
@@ -117,3 +120,53 @@ def test_img2dataset_output_is_indexed_in_place_and_trained_on(ray_local, image_
     assert 0.0 <= result.metrics["last_val/top1"] <= 1.0 and result.metrics["last_val/images"] == 57
     shapes = weight_shapes(f"{result.checkpoint_path}/model.safetensors")
     assert shapes["head.weight"] == (3, 96) and sum(int(np.prod(s)) for s in shapes.values()) % 2 == 1
+
+
+def test_mae_pretrains_on_captioned_shards_without_labels_resumes_at_another_size_and_fine_tunes(
+        ray_local, image_server, tmp_path, digits_shards, job_main, metric_history):
+    """img2dataset's image + .txt + .json, no label anywhere: MAE at ZeRO-3 on 2 workers stops at step 6, resumes
+    on 1 worker (the checkpoint resharded) to step 12, and jobs/finetune.py starts from runs:/<that run> on the
+    labelled digits."""
+    out = tmp_path / "captioned"
+    run_img2dataset(image_server, out, per_shard=20, labels=False)
+    assert job_main("make_shards")(["--source", f"shards:{out}/{{00000..00002}}.tar", "--no-progress"]) == 0
+    manifest = json.loads((out / "train.manifest.json").read_text())
+    assert manifest["classes"] == [] and manifest["sample_members"] == ["jpg", "json", "txt"]
+    assert "label" not in manifest["json_keys"]
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = [f"data.train={out}/{{00000..00002}}.tar", f"data.val={out}/00002.tar", "train.steps=12",
+              "train.global_batch_size=8", "train.eval_every_n_steps=6", "train.checkpoint_every_n_steps=6",
+              "train.log_every_n_steps=1", "optim.warmup_steps=2", "data.local_shuffle_buffer=0",
+              "train.zero_stage=3", "train.run_name=mae-captions", f"train.storage_path={tmp_path}/runs",
+              f"tracking.uri={uri}"]
+    config = ROOT / "jobs" / "configs" / "digits_mae_pretrain.yaml"
+    first, _ = resolve_job(load_job_config(config, [*common, "train.stop_after_steps=6"]), "pretrain")
+    assert first.classes == [] and first.model_args["num_classes"] == 0
+    stopped = run_job(first)
+    assert stopped.metrics["step"] == 6
+    second, _ = resolve_job(load_job_config(config, [*common, "train.num_workers=1"]), "pretrain")
+    result = run_job(second)  # the same run name and storage: Ray Train resumes from step 6, at world size 1
+    assert result.metrics["step"] == 12 and result.metrics["train/world_size"] == 1
+    assert result.metrics["last_val/images"] == 17 and not any("knn" in key for key in result.metrics)
+    assert 0 < result.metrics["last_val/loss_ratio"] < 1.0  # better than predicting each patch's mean
+    # each job is a run of its own in MLflow: the first holds steps 1-6, the resumed one steps 7-12
+    losses = dict(metric_history(uri, stopped.run_id, "train/loss"))
+    resumed = dict(metric_history(uri, result.run_id, "train/loss"))
+    assert sorted(losses) == list(range(1, 7)) and sorted(resumed) == list(range(7, 13))
+    losses.update(resumed)
+    # the resumed attempt continues the curve: its first step is nearer the stopped one's last than the run's start
+    assert abs(losses[7] - losses[6]) < abs(losses[7] - losses[1]), losses
+    shapes = weight_shapes(f"{result.checkpoint_path}/model.safetensors")
+    assert "head.weight" not in shapes and not any(key.startswith(("decoder_", "mask_token")) for key in shapes)
+
+    finetune, init_state = resolve_job(load_job_config(
+        ROOT / "jobs" / "configs" / "digits_finetune.yaml",
+        [f"init_from=runs:/{result.run_id}", f"data.train={digits_shards}/train-*.tar",
+         f"data.val={digits_shards}/val-*.tar", "train.steps=4", "train.eval_every_n_steps=0",
+         "train.checkpoint_every_n_steps=0", f"train.storage_path={tmp_path}/runs", f"tracking.uri={uri}"]),
+        "finetune")
+    assert finetune.init.reset_head and finetune.init.parent_run_id == result.run_id
+    assert finetune.job.data.img_size == 64  # twice the 32 px MAE was trained at
+    tuned = run_job(finetune, init_state)
+    assert tuned.metrics["step"] == 4 and 0.0 <= tuned.metrics["last_val/top1"] <= 1.0

@@ -64,6 +64,34 @@ def test_head_is_reset_exactly_when_it_should(tmp_path):
     assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
+def test_an_official_mae_checkpoint_fine_tunes_its_encoder_with_a_fresh_head_and_fc_norm(tmp_path):
+    """MAE's released files hold {"model": state_dict}: the encoder's keys, and decoder_* and mask_token beside
+    them (decoder_pos_embed too). Fine-tuned with average pooling, as MAE's recipe does, the encoder's weights
+    load, the decoder and mask token are dropped, and the head and fc_norm start fresh (MAE drops `norm`)."""
+    from pipeline.model.mae import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, decoder_embed_dim=64,
+                            decoder_depth=2, decoder_num_heads=4)
+    state = {**mae.state_dict(), "pos_embed": mae.pos_embed, "decoder_pos_embed": mae.decoder_pos_embed}
+    torch.save({"model": state, "epoch": 799}, tmp_path / "mae_pretrain_vit_demo.pth")
+    assert any(key.startswith("decoder_") for key in state) and "mask_token" in state
+
+    target = meta_state("vit_demo_patch4_32", img_size=64, num_classes=10, global_pool="avg")
+    init = fit(str(tmp_path / "mae_pretrain_vit_demo.pth"), target)
+    assert init.reset_head and init.source_img_size == 32
+    assert set(init.state_dict) == {key for key in target if key not in ("head.weight", "head.bias", "fc_norm.weight",
+                                                                          "fc_norm.bias")}
+    torch.manual_seed(1)
+    model = build_model("vit_demo_patch4_32", img_size=64, num_classes=10, global_pool="avg")
+    fresh = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    load_into_model(model, init.state_dict, reset_head=init.reset_head)
+    for key in ("head.weight", "fc_norm.weight", "fc_norm.bias"):
+        assert torch.equal(model.state_dict()[key], fresh[key]), key
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, mae.blocks[3].mlp.fc1.weight)
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 96)  # MAE's fixed 8x8 sin-cos, resampled to the 16x16 grid
+
+
 def test_mismatched_architecture_and_bad_paths_are_clear_errors(tmp_path):
     deeper = build_model("vit_demo_patch4_32", depth=6)
     save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, str(tmp_path / "deep.safetensors"))

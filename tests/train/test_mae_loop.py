@@ -1,0 +1,78 @@
+"""MAE through the training loop and its components (checkpointer, metrics, validator) in one process
+(`LocalContext`, no Ray), on shards as img2dataset writes them without labels: an image, a caption, metadata."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.shard_writer import index_shards
+
+PROGRAM = Path(__file__).with_name("mae_loop_program.py")
+
+
+def write_captioned_shards(tars) -> Path:
+    """3 train shards of 8 and a val shard of 6: jpg + txt + json, no .cls and no label key."""
+    for s in range(3):
+        tars.write(f"c/train-{s:06d}.tar", [{"__key__": f"{s}{i:04d}", "jpg": tars.image_bytes(24, 20, seed=10 * s + i),
+                                             "txt": f"a picture number {i}", "json": {"url": f"http://x/{s}/{i}.jpg"}}
+                                            for i in range(8)])
+    tars.write("c/val-000000.tar", [{"__key__": f"v{i:04d}", "jpg": tars.image_bytes(24, 20, seed=100 + i),
+                                     "txt": "a val picture", "json": {"url": f"http://x/v/{i}.jpg"}} for i in range(6)])
+    for split in ("train", "val"):
+        index_shards(str(tars.folder / "c" / f"{split}-*.tar"), progress=False)
+    return tars.folder / "c"
+
+
+def test_mae_trains_evaluates_checkpoints_and_resumes_without_labels(tars, tmp_path):
+    folder = write_captioned_shards(tars)
+    assert json.loads((folder / "train.manifest.json").read_text())["sample_members"] == ["jpg", "json", "txt"]
+    common = [f"data.train={folder}/train-*.tar", f"data.val={folder}/val-*.tar", "data.img_size=16",
+              "data.local_shuffle_buffer=0", "data.decode_batch_size=4", "model.args={depth: 1}",
+              "train.objective=mae", "mae.decoder_embed_dim=16", "mae.decoder_depth=1", "mae.decoder_num_heads=2",
+              "mae.recon_images=4", "train.num_workers=1", "train.global_batch_size=4", "train.steps=6",
+              "train.checkpoint_every_n_steps=2", "train.eval_every_n_steps=2", "train.log_every_n_steps=1",
+              "optim.warmup_steps=1", "optim.lr=2e-3", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    args = {"config": "jobs/configs/digits_mae_pretrain.yaml", "common": common, "folder": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(PROGRAM), json.dumps(args)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    out = json.loads(line[len("RESULTS "):])
+
+    # no label anywhere: no class, no head, no k-NN monitor
+    assert out["classes"] == [] and out["model_args"]["num_classes"] == 0 and not out["model_args"]["fc_norm"]
+    first, second = out["attempts"]
+    assert [first["step"], second["step"]] == [4, 6]
+    assert [r["step"] for r in first["reports"] + second["reports"]] == [2, 4, 6]  # every 2 steps, none twice
+    final = second["reports"][-1]
+    assert {"val/loss", "val/baseline_loss", "val/loss_ratio", "val/images"} <= set(final)
+    assert not any("knn" in key for key in final)
+    assert final["val/images"] == 6
+    # predicting each 4x4 patch's mean (48 values) under norm_pix_loss: (48 - 1) / 48 of a unit variance
+    assert final["val/baseline_loss"] == pytest.approx(47 / 48, abs=2e-3)
+    assert final["val/loss_ratio"] == pytest.approx(final["val/loss"] / final["val/baseline_loss"], rel=1e-9)
+    assert final["checkpoint_score"] == -final["last_val/loss"]  # the lower the val loss, the better the checkpoint
+    # the step lines: the objective's val part; the resumed attempt goes on at step 5
+    steps = [line.split()[1] for line in out["lines"] if line.startswith("step ")]
+    assert steps == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
+    assert sum("| val loss " in line and "of predict-the-mean)" in line for line in out["lines"]) == 3
+    # the exported weights: the encoder alone, with timm's keys (loaded strictly in the program)
+    assert "pos_embed" in out["weight_keys"] and "norm.weight" in out["weight_keys"]
+    assert not any(key.startswith(("decoder_", "mask_token", "head", "fc_norm")) for key in out["weight_keys"])
+
+    # the checkpointer restores the last checkpoint; the validator is due every 2 steps and at the last
+    assert out["restored"] == {"step": 6, "epoch": 0, "stored_at": second["checkpoints"][-1], "ema": False}
+    assert out["due"] == [2, 4, 6]
+    # the val masks are the samples' own: the same weights give the run's own figure, at any batch size
+    for metrics in out["evals"].values():
+        assert metrics["val/loss"] == pytest.approx(final["val/loss"], rel=1e-6)
+        assert metrics["val/images"] == 6
+    # the picture: 4 samples, each original | masked input | reconstruction, drawn at least 96 px high
+    height, width, channels = out["picture_shape"]
+    assert channels == 3 and height == 4 * 16 * 6 and width == 3 * 16 * 6
+    assert out["first_sample"]["key"] == [0, 0]
+    assert out["first_sample"]["original_equal"] and out["first_sample"]["visible_pasted"]
+    assert out["first_sample"]["masked_fraction"] == pytest.approx(0.75, abs=0.03)

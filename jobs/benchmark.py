@@ -8,6 +8,7 @@
     python jobs/benchmark.py resume       # checkpoint save time with the sample-exact data position
     python jobs/benchmark.py tracking     # MLflow requests of a training run, by thread
     python jobs/benchmark.py gpu          # one GPU + 16 cores, under 8 min: step MFU, GPU decode, data, scaling
+    python jobs/benchmark.py mae          # MAE against supervised: step speed, label efficiency, decode cores
 
 Each suite prints a markdown table with the command, machine and date; copy it into docs/benchmarks.md.
 `python jobs/benchmark.py SUITE --help` lists a suite's options.
@@ -28,6 +29,7 @@ SUITES = {
     "resume": ("resume_speed", "checkpoint save time with the sample-exact data position, 10,000 shards x 1,250"),
     "gpu": ("gpu_suite", "the GPU machine's figures in one table: bf16 step MFU, GPU decode, data ratios, scaling"),
     "tracking": ("tracking_calls", "MLflow requests of a training run by thread: none per step on the training one"),
+    "mae": ("mae_suite", "MAE against supervised: step images/s on one ViT, label efficiency, decode cores per GPU"),
 }
 
 

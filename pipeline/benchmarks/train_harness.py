@@ -17,7 +17,8 @@ from pipeline.config import JobConfig
 
 
 def bench_job(*, preset: str, img_size: int, batch_size_per_worker: int, num_workers: int, zero_stage: int,
-              device: str, steps: int, precision: str = "auto", compile: bool = False) -> JobConfig:
+              device: str, steps: int, precision: str = "auto", compile: bool = False,
+              objective: str = "supervised") -> JobConfig:
     """The job a contender runs: the project's defaults (AdamW, schedule, clipping, smoothing) at this size."""
     job = JobConfig()
     job = dataclasses.replace(
@@ -26,7 +27,7 @@ def bench_job(*, preset: str, img_size: int, batch_size_per_worker: int, num_wor
         data=dataclasses.replace(job.data, img_size=img_size),
         train=dataclasses.replace(job.train, steps=steps, global_batch_size=batch_size_per_worker * num_workers,
                                   micro_batch_size=0, num_workers=num_workers, zero_stage=zero_stage,
-                                  device=device, precision=precision, compile=compile),
+                                  device=device, precision=precision, compile=compile, objective=objective),
     )
     return job.validate()
 

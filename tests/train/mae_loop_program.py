@@ -20,6 +20,7 @@ from pipeline.train.engine import build_engine
 from pipeline.train.inputs import InputPipeline
 from pipeline.train.loop import run_training
 from pipeline.train.objectives import build_objective
+from pipeline.train.objectives.mae import PICTURE_SCALE_PX
 from pipeline.train.resolved_job import resolve_job
 from pipeline.train.validator import Validator
 
@@ -71,13 +72,14 @@ picture = evaluation.images["val/reconstruction"]
 out["picture_shape"] = list(picture.shape)
 # the first sample, first in shard order: its original (left), masked input (middle) and reconstruction (right)
 val = next(iter(ctx.streams[-1].iter_torch_batches(batch_size=1)))
-scale = picture.shape[0] // (run.model_args["img_size"] * run.job.mae.recon_images)
-row = picture[:16 * scale:scale, ::scale]
+scale = -(-PICTURE_SCALE_PX // run.model_args["img_size"])
+row = picture[:16 * scale:scale, ::scale]  # the first sample's panels, one pixel each, a white column between them
 original = val["image"][0].permute(1, 2, 0).numpy()
-masked = row[:, 16:32] == 127
+masked = (row[:, 17:33] == 127).all(axis=-1)
 out["first_sample"] = {"key": [int(val["shard"][0]), int(val["index"][0])],
                        "original_equal": bool(np.array_equal(row[:, :16], original)),
-                       "masked_fraction": float(masked.all(axis=-1).mean()),
-                       "visible_pasted": bool(np.array_equal(row[:, 32:][~masked.all(axis=-1)],
-                                                             original[~masked.all(axis=-1)]))}
+                       "gaps_white": bool((row[:, 16] == 255).all() and (row[:, 33] == 255).all()
+                                          and (picture[16 * scale] == 255).all()),
+                       "masked_fraction": float(masked.mean()),
+                       "visible_pasted": bool(np.array_equal(row[:, 34:50][~masked], original[~masked]))}
 print("RESULTS " + json.dumps(out))

@@ -70,9 +70,11 @@ def test_mae_trains_evaluates_checkpoints_and_resumes_without_labels(tars, tmp_p
     for metrics in out["evals"].values():
         assert metrics["val/loss"] == pytest.approx(final["val/loss"], rel=1e-6)
         assert metrics["val/images"] == 6
-    # the picture: 4 samples, each original | masked input | reconstruction, drawn at least 96 px high
+    # the picture: 4 samples in 2 rows of 2, each original | masked input | reconstruction, drawn at least 96 px
+    # high, white lines between samples and panels
     height, width, channels = out["picture_shape"]
-    assert channels == 3 and height == 4 * 16 * 6 and width == 3 * 16 * 6
+    assert channels == 3 and height == (2 * 16 + 1) * 6 and width == (2 * (3 * 16 + 2) + 1) * 6
     assert out["first_sample"]["key"] == [0, 0]
     assert out["first_sample"]["original_equal"] and out["first_sample"]["visible_pasted"]
+    assert out["first_sample"]["gaps_white"]
     assert out["first_sample"]["masked_fraction"] == pytest.approx(0.75, abs=0.03)

@@ -17,6 +17,7 @@ Evaluation, with no label needed:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -157,7 +158,8 @@ class MaskedAutoencoding:
         return features, labels
 
     def _render(self, batch: dict, pred: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> np.ndarray:
-        """(len(rows), H, 3W, 3) uint8: original | masked input | reconstruction with the visible patches."""
+        """(len(rows), H, 3W + 2, 3) uint8: original | masked input | reconstruction with the visible patches, a
+        white pixel column between them."""
         images = batch["image"][rows].float().cpu()  # 0..255
         mean, std = self.mean * 255.0, self.std * 255.0
         normalised = (images - mean) / std
@@ -170,7 +172,8 @@ class MaskedAutoencoding:
         paste = unpatchify(shown, self.patch, self.grid)
         recon = paste * recon + (1 - paste) * images
         masked = paste * 127.0 + (1 - paste) * images
-        panels = torch.cat([images, masked, recon], dim=3).clamp(0, 255).round().to(torch.uint8)
+        gap = torch.full_like(images[..., :1], 255.0)
+        panels = torch.cat([images, gap, masked, gap, recon], dim=3).clamp(0, 255).round().to(torch.uint8)
         return panels.permute(0, 2, 3, 1).numpy()
 
     def describe(self, metrics: dict[str, float]) -> str:
@@ -222,7 +225,8 @@ class Pictures:
                                key=lambda item: item[0])[:self.count]
 
     def gather_collective(self, world_size: int, group) -> np.ndarray | None:
-        """On rank 0, the grid (one sample per row) of the first samples over all ranks; None elsewhere or off."""
+        """On rank 0, the first samples over all ranks in a grid of about 3:4, left to right and top to bottom,
+        white pixel lines between them, drawn at least PICTURE_SCALE_PX high a sample; None elsewhere, or off."""
         if not self.count:
             return None
         parts = [self.kept]
@@ -231,9 +235,20 @@ class Pictures:
             dist.all_gather_object(parts, self.kept, group=group)
             if dist.get_rank() != 0:
                 return None
-        chosen = sorted((item for part in parts for item in part), key=lambda item: item[0])[:self.count]
+        chosen = [panels for _, panels in sorted((item for part in parts for item in part),
+                                                 key=lambda item: item[0])[:self.count]]
         if not chosen:
             return None
-        grid = np.concatenate([panels for _, panels in chosen], axis=0)
-        scale = max(1, -(-PICTURE_SCALE_PX // chosen[0][1].shape[0]))
+        per_row = math.ceil(math.sqrt(len(chosen) / 3))  # a sample's panels are 3 wide
+        blank = np.full_like(chosen[0], 255)
+        cells = chosen + [blank] * (-len(chosen) % per_row)
+        rows = [interleave(cells[i:i + per_row], axis=1) for i in range(0, len(cells), per_row)]
+        grid = interleave(rows, axis=0)
+        scale = max(1, -(-PICTURE_SCALE_PX // chosen[0].shape[0]))
         return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def interleave(pictures: list[np.ndarray], axis: int) -> np.ndarray:
+    """`pictures` side by side along `axis`, a white line of one pixel between each two."""
+    line = np.full_like(np.take(pictures[0], [0], axis=axis), 255)
+    return np.concatenate([part for picture in pictures for part in (line, picture)][1:], axis=axis)

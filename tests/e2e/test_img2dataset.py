@@ -1,7 +1,8 @@
 """Shards made by the real img2dataset tool, as users have them: images served by a loopback HTTP server,
-downloaded into `00000.tar …` with `_stats.json` and `.parquet` beside them. With labels in the `.json` (three
-classes) they are indexed in place and trained on (DeepSpeed ZeRO-2, 2 workers, an odd parameter count); with
-captions and no label at all, as web-scale shards come, MAE pretrains on them and a fine-tune starts from it."""
+downloaded into `00000.tar …` with `_stats.json` and `.parquet` beside them, indexed in place. With captions and
+no label at all, as web-scale shards come, MAE pretrains on them (ZeRO-3, 2 workers, then resumed on 1); with
+labels in the `.json` (three classes), a fine-tune starts from that MAE run (ZeRO-2, 2 workers, an odd parameter
+count)."""
 
 import functools
 import http.server
@@ -81,92 +82,85 @@ def run_img2dataset(urls, out: Path, *, per_shard: int, labels: bool = True) -> 
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_img2dataset_output_is_indexed_in_place_and_trained_on(ray_local, image_server, tmp_path, capsys, job_main):
+def test_mae_pretrains_on_captioned_shards_then_a_fine_tune_learns_their_labels(ray_local, image_server, tmp_path,
+                                                                                capsys, job_main, metric_history):
+    """img2dataset's image + .txt + .json, no label anywhere: MAE at ZeRO-3 on 2 workers stops at step 6 and
+    resumes on 1 worker (the checkpoint resharded) to step 12, registering its checkpoint of the lowest val loss;
+    then the same images downloaded with their labels in the .json, indexed with the class names, and a fine-tune
+    from runs:/<that MAE run> learns them (data.label_key)."""
     import pyarrow.fs as pafs
+    from mlflow import MlflowClient
 
     make_shards = job_main("make_shards")
-
-    out = tmp_path / "out"
-    run_img2dataset(image_server, out, per_shard=20)
-    names = sorted(p.name for p in out.iterdir())
-    assert [n for n in names if n.endswith(".tar")] == ["00000.tar", "00001.tar", "00002.tar"]
-    assert {"00000_stats.json", "00000.parquet"} <= set(names)
-    successes = [json.loads((out / f"{i:05d}_stats.json").read_text())["successes"] for i in range(3)]
-    assert sum(successes) == 57  # the two 404s are not in the tars
-
-    # index as the README says, with the class names; the counts come from the stats, and agree with the tars
-    assert make_shards(["--source", f"shards:{out}/{{00000..00002}}.tar", "--classes", ",".join(CLASSES),
-                        "--verify", "3", "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert (f"train: 57 samples in 3 shards (3 counted from img2dataset's _stats.json; 3 checked against their "
-            f"tars) -> {out}/train.manifest.json") in printed
-    assert "train with data.label_key=KEY, KEY one of the .json keys: " in printed and " label," in printed
-    manifest = json.loads((out / "train.manifest.json").read_text())
-    assert [s["num_samples"] for s in manifest["shards"]] == successes == [
-        count_samples(pafs.LocalFileSystem(), str(out / f"{i:05d}.tar")) for i in range(3)]
-    assert manifest["classes"] == CLASSES and manifest["sample_members"] == ["jpg", "json", "txt"]
-
-    overrides = [f"data.train={out}/{{00000..00002}}.tar", f"data.val={out}/*.tar", "train.steps=8",
-                 "train.global_batch_size=8", "train.eval_every_n_steps=0", "train.checkpoint_every_n_steps=0",
-                 "train.log_every_n_steps=1", "optim.warmup_steps=2", "data.local_shuffle_buffer=0",
-                 f"train.storage_path={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    config = ROOT / "jobs" / "configs" / "digits_pretrain.yaml"
-    with pytest.raises(ConfigError, match=r"data.train: the samples have no .cls member .*set data.label_key .*label"):
-        resolve_job(load_job_config(config, overrides), "pretrain")
-    run, _ = resolve_job(load_job_config(config, [*overrides, "data.label_key=label"]), "pretrain")
-    assert run.classes == CLASSES and run.model_args["num_classes"] == 3
-    result = run_job(run)
-    assert result.metrics["step"] == 8 and result.metrics["epoch"] == 1  # 57 // 8 = 7 steps an epoch
-    assert 0.0 <= result.metrics["last_val/top1"] <= 1.0 and result.metrics["last_val/images"] == 57
-    shapes = weight_shapes(f"{result.checkpoint_path}/model.safetensors")
-    assert shapes["head.weight"] == (3, 96) and sum(int(np.prod(s)) for s in shapes.values()) % 2 == 1
-
-
-def test_mae_pretrains_on_captioned_shards_without_labels_resumes_at_another_size_and_fine_tunes(
-        ray_local, image_server, tmp_path, digits_shards, job_main, metric_history):
-    """img2dataset's image + .txt + .json, no label anywhere: MAE at ZeRO-3 on 2 workers stops at step 6, resumes
-    on 1 worker (the checkpoint resharded) to step 12, and jobs/finetune.py starts from runs:/<that run> on the
-    labelled digits."""
-    out = tmp_path / "captioned"
-    run_img2dataset(image_server, out, per_shard=20, labels=False)
-    assert job_main("make_shards")(["--source", f"shards:{out}/{{00000..00002}}.tar", "--no-progress"]) == 0
-    manifest = json.loads((out / "train.manifest.json").read_text())
+    captioned = tmp_path / "captioned"
+    run_img2dataset(image_server, captioned, per_shard=20, labels=False)
+    assert make_shards(["--source", f"shards:{captioned}/{{00000..00002}}.tar", "--no-progress"]) == 0
+    manifest = json.loads((captioned / "train.manifest.json").read_text())
     assert manifest["classes"] == [] and manifest["sample_members"] == ["jpg", "json", "txt"]
     assert "label" not in manifest["json_keys"]
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = [f"data.train={out}/{{00000..00002}}.tar", f"data.val={out}/00002.tar", "train.steps=12",
+    common = [f"data.train={captioned}/{{00000..00002}}.tar", f"data.val={captioned}/00002.tar", "train.steps=12",
               "train.global_batch_size=8", "train.eval_every_n_steps=6", "train.checkpoint_every_n_steps=6",
               "train.log_every_n_steps=1", "optim.warmup_steps=2", "data.local_shuffle_buffer=0",
               "train.zero_stage=3", "train.run_name=mae-captions", f"train.storage_path={tmp_path}/runs",
-              f"tracking.uri={uri}"]
+              f"tracking.uri={uri}", "tracking.register_as=captions-mae"]
     config = ROOT / "jobs" / "configs" / "digits_mae_pretrain.yaml"
     first, _ = resolve_job(load_job_config(config, [*common, "train.stop_after_steps=6"]), "pretrain")
     assert first.classes == [] and first.model_args["num_classes"] == 0
     stopped = run_job(first)
     assert stopped.metrics["step"] == 6
     second, _ = resolve_job(load_job_config(config, [*common, "train.num_workers=1"]), "pretrain")
-    result = run_job(second)  # the same run name and storage: Ray Train resumes from step 6, at world size 1
-    assert result.metrics["step"] == 12 and result.metrics["train/world_size"] == 1
-    assert result.metrics["last_val/images"] == 17 and not any("knn" in key for key in result.metrics)
-    assert 0 < result.metrics["last_val/loss_ratio"] < 1.0  # better than predicting each patch's mean
+    mae = run_job(second)  # the same run name and storage: Ray Train resumes from step 6, at world size 1
+    assert mae.metrics["step"] == 12 and mae.metrics["train/world_size"] == 1
+    assert mae.metrics["last_val/images"] == 17 and not any("knn" in key for key in mae.metrics)
+    assert 0 < mae.metrics["last_val/loss_ratio"] < 1.0  # better than predicting each patch's mean
     # each job is a run of its own in MLflow: the first holds steps 1-6, the resumed one steps 7-12
     losses = dict(metric_history(uri, stopped.run_id, "train/loss"))
-    resumed = dict(metric_history(uri, result.run_id, "train/loss"))
+    resumed = dict(metric_history(uri, mae.run_id, "train/loss"))
     assert sorted(losses) == list(range(1, 7)) and sorted(resumed) == list(range(7, 13))
-    losses.update(resumed)
     # the resumed attempt continues the curve: its first step is nearer the stopped one's last than the run's start
-    assert abs(losses[7] - losses[6]) < abs(losses[7] - losses[1]), losses
-    shapes = weight_shapes(f"{result.checkpoint_path}/model.safetensors")
+    assert abs(resumed[7] - losses[6]) < abs(resumed[7] - losses[1]), (losses, resumed)
+    # each job registers its checkpoint of the lowest val loss: the stopped one version 1, the resumed one 2
+    assert (stopped.registered, mae.registered) == ("models:/captions-mae/1", "models:/captions-mae/2")
+    images = [item.path for item in MlflowClient(uri).list_artifacts(mae.run_id, "images")]
+    assert [path for path in images if path.endswith(".png") and "reconstruction+step+12+" in path], images
+    shapes = weight_shapes(f"{mae.checkpoint_path}/model.safetensors")
     assert "head.weight" not in shapes and not any(key.startswith(("decoder_", "mask_token")) for key in shapes)
 
-    finetune, init_state = resolve_job(load_job_config(
-        ROOT / "jobs" / "configs" / "digits_finetune.yaml",
-        [f"init_from=runs:/{result.run_id}", f"data.train={digits_shards}/train-*.tar",
-         f"data.val={digits_shards}/val-*.tar", "train.steps=4", "train.eval_every_n_steps=0",
-         "train.checkpoint_every_n_steps=0", f"train.storage_path={tmp_path}/runs", f"tracking.uri={uri}"]),
-        "finetune")
-    assert finetune.init.reset_head and finetune.init.parent_run_id == result.run_id
-    assert finetune.job.data.img_size == 64  # twice the 32 px MAE was trained at
-    tuned = run_job(finetune, init_state)
-    assert tuned.metrics["step"] == 4 and 0.0 <= tuned.metrics["last_val/top1"] <= 1.0
+    labelled = tmp_path / "labelled"
+    run_img2dataset(image_server, labelled, per_shard=20)
+    names = sorted(p.name for p in labelled.iterdir())
+    assert [n for n in names if n.endswith(".tar")] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert {"00000_stats.json", "00000.parquet"} <= set(names)
+    successes = [json.loads((labelled / f"{i:05d}_stats.json").read_text())["successes"] for i in range(3)]
+    assert sum(successes) == 57  # the two 404s are not in the tars
+    # index as the README says, with the class names; the counts come from the stats, and agree with the tars
+    capsys.readouterr()
+    assert make_shards(["--source", f"shards:{labelled}/{{00000..00002}}.tar", "--classes", ",".join(CLASSES),
+                        "--verify", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"train: 57 samples in 3 shards (3 counted from img2dataset's _stats.json; 3 checked against their "
+            f"tars) -> {labelled}/train.manifest.json") in printed
+    assert "train with data.label_key=KEY, KEY one of the .json keys: " in printed and " label," in printed
+    manifest = json.loads((labelled / "train.manifest.json").read_text())
+    assert [s["num_samples"] for s in manifest["shards"]] == successes == [
+        count_samples(pafs.LocalFileSystem(), str(labelled / f"{i:05d}.tar")) for i in range(3)]
+    assert manifest["classes"] == CLASSES and manifest["sample_members"] == ["jpg", "json", "txt"]
+
+    overrides = [f"init_from=runs:/{mae.run_id}", f"data.train={labelled}/{{00000..00002}}.tar",
+                 f"data.val={labelled}/*.tar", "train.steps=8", "train.global_batch_size=8",
+                 "train.eval_every_n_steps=0", "train.checkpoint_every_n_steps=0", "train.log_every_n_steps=1",
+                 "optim.warmup_steps=2", "data.local_shuffle_buffer=0", f"train.storage_path={tmp_path}/runs",
+                 f"tracking.uri={uri}"]
+    config = ROOT / "jobs" / "configs" / "digits_finetune.yaml"
+    with pytest.raises(ConfigError, match=r"data.train: the samples have no .cls member .*set data.label_key .*label"):
+        resolve_job(load_job_config(config, overrides), "finetune")
+    run, init_state = resolve_job(load_job_config(config, [*overrides, "data.label_key=label"]), "finetune")
+    assert run.classes == CLASSES and run.model_args["num_classes"] == 3
+    assert run.init.reset_head and run.init.parent_run_id == mae.run_id and run.job.data.img_size == 64
+    result = run_job(run, init_state)
+    assert result.metrics["step"] == 8 and result.metrics["epoch"] == 1  # 57 // 8 = 7 steps an epoch
+    assert 0.0 <= result.metrics["last_val/top1"] <= 1.0 and result.metrics["last_val/images"] == 57
+    shapes = weight_shapes(f"{result.checkpoint_path}/model.safetensors")
+    assert shapes["head.weight"] == (3, 96) and sum(int(np.prod(s)) for s in shapes.values()) % 2 == 1

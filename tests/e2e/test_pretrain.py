@@ -156,32 +156,6 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, digits_shard
     assert (Path(models[best].tags["pipeline.checkpoint"]) / "model.safetensors").exists()
 
 
-def test_mae_on_labelled_shards_monitors_knn_logs_reconstructions_and_registers_its_lowest_loss(
-        ray_local, digits_shards, tmp_path, tiny_job, metric_history):
-    """MAE with 2 workers on the digits, whose labels it ignores in training: the k-NN monitor (every rank's bank
-    gathered), the reconstruction picture among the run's images, and the checkpoint of the lowest val loss
-    registered."""
-    from mlflow import MlflowClient
-
-    resolved = prepare(tiny_job(digits_shards, tmp_path, "train.steps=6", "train.eval_every_n_steps=3",
-                                "train.checkpoint_every_n_steps=3", "tracking.register_as=digits-mae",
-                                config="digits_mae_pretrain.yaml"))
-    assert resolved.job.train.objective == "mae" and resolved.model_args["num_classes"] == 0
-    result = run_job(resolved)
-    assert result.metrics["step"] == 6
-    assert 0.0 <= result.metrics["last_val/knn_top1"] <= 1.0 and result.metrics["last_val/knn_bank"] == 1438
-    assert result.metrics["last_val/images"] == 359
-    client = MlflowClient(result.tracking_uri)
-    images = [item.path for item in client.list_artifacts(result.run_id, "images")]
-    assert sum("reconstruction" in path and path.endswith(".png") for path in images) == 2, images  # steps 3, 6
-    losses = metric_history(result.tracking_uri, result.run_id, "val/loss")
-    assert [step for step, _ in losses] == [3, 6]
-    models = checkpoint_models(client, result.run_id)
-    best = min(range(2), key=lambda i: (losses[i][1], -i))
-    version = client.get_model_version("digits-mae", "1")
-    assert version.tags["pipeline.model_id"] == models[best].model_id and result.registered == "models:/digits-mae/1"
-
-
 def test_errors_before_ray_starts(digits_shards, tmp_path, tiny_job, s3_store):
     with pytest.raises(ConfigError, match="img_size height 30 is not divisible by patch size"):
         prepare(tiny_job(digits_shards, tmp_path, "data.img_size=30"))

@@ -74,10 +74,10 @@ def test_the_encoder_runs_on_the_visible_patches_only():
     assert supervised / mae > 2.5  # the whole step: a quarter of the encoder, and a light decoder
 
 
-@pytest.mark.parametrize("pool", ["token", "avg"])
-def test_the_exported_encoder_loads_strictly_into_timm_with_equal_features(pool):
+@pytest.mark.parametrize("preset,pool", [("vit_base_patch16_224", "token"), ("vit_tiny_patch16_224", "avg")])
+def test_the_exported_encoder_loads_strictly_into_timm_with_equal_features(preset, pool):
     torch.manual_seed(0)
-    args = preset_kwargs("vit_base_patch16_224", global_pool=pool)
+    args = preset_kwargs(preset, global_pool=pool)
     model = MaskedAutoencoder(**args)  # MAE's decoder: 512 wide, 8 blocks, 16 heads
     for param in model.parameters():  # trained-looking weights, not the init's zeros and ones
         param.data.add_(torch.randn_like(param) * 0.02)
@@ -85,8 +85,7 @@ def test_the_exported_encoder_loads_strictly_into_timm_with_equal_features(pool)
     assert not any(key.startswith(("decoder_", "mask_token")) for key in weights)
     ours = VisionTransformer(**encoder_args(args))
     ours.load_state_dict(weights, strict=True)
-    reference = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, global_pool=pool,
-                                  fc_norm=False)
+    reference = timm.create_model(preset, pretrained=False, num_classes=0, global_pool=pool, fc_norm=False)
     reference.load_state_dict(weights, strict=True)
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():

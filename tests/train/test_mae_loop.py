@@ -1,5 +1,6 @@
 """MAE through the training loop and its components (checkpointer, metrics, validator) in one process
-(`LocalContext`, no Ray), on shards as img2dataset writes them without labels: an image, a caption, metadata."""
+(`LocalContext`, no Ray), on shards as img2dataset writes them without labels: an image, a caption, metadata. And
+MAE's evaluation with labels (the k-NN monitor), on two gloo ranks against one process."""
 
 import json
 import subprocess
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.benchmarks import free_port
 from pipeline.data.shard_writer import index_shards
 
 PROGRAM = Path(__file__).with_name("mae_loop_program.py")
+EVAL_PROGRAM = Path(__file__).with_name("mae_eval_program.py")
 
 
 def write_captioned_shards(tars) -> Path:
@@ -78,3 +81,47 @@ def test_mae_trains_evaluates_checkpoints_and_resumes_without_labels(tars, tmp_p
     assert out["first_sample"]["original_equal"] and out["first_sample"]["visible_pasted"]
     assert out["first_sample"]["gaps_white"]
     assert out["first_sample"]["masked_fraction"] == pytest.approx(0.75, abs=0.03)
+
+
+def test_two_ranks_evaluate_as_one_process_does_knn_and_pictures_included(tars, tmp_path):
+    """The same weights evaluated by one process and by two gloo ranks that each read every other sample: the
+    same val loss (each image's mask is its own), the same k-NN top-1 (each rank searches the bank all ranks
+    gathered), and the same picture (the first samples of the whole split, gathered on rank 0)."""
+    for s, size in enumerate((7, 9, 8)):
+        tars.write(f"l/train-{s:06d}.tar", [tars.good_record(f"{s}{i:04d}", label=(s + i) % 3, seed=10 * s + i)
+                                            for i in range(size)])
+    for s, size in enumerate((5, 6)):
+        tars.write(f"l/val-{s:06d}.tar", [tars.good_record(f"v{s}{i:03d}", label=i % 3, seed=100 + 10 * s + i)
+                                          for i in range(size)])
+    for split in ("train", "val"):
+        index_shards(str(tars.folder / "l" / f"{split}-*.tar"), classes=["a", "b", "c"], progress=False)
+    folder = tars.folder / "l"
+    overrides = [f"data.train={folder}/train-*.tar", f"data.val={folder}/val-*.tar", "data.img_size=16",
+                 "data.decode_batch_size=4", "model.args={depth: 1}", "mae.decoder_embed_dim=16",
+                 "mae.decoder_depth=1", "mae.decoder_num_heads=2", "mae.knn_train_samples=15", "mae.knn_k=4",
+                 "mae.recon_images=5", "train.num_workers=1", "train.global_batch_size=4",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+
+    def start(rank: int, world: int, port: int) -> subprocess.Popen:
+        spec = {"rank": rank, "world": world, "port": port, "config": "jobs/configs/digits_mae_pretrain.yaml",
+                "overrides": overrides}
+        return subprocess.Popen([sys.executable, str(EVAL_PROGRAM), json.dumps(spec)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    port = free_port()
+    processes = [start(0, 1, free_port()), start(0, 2, port), start(1, 2, port)]
+    outs = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        [line] = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
+        outs.append(json.loads(line[len("RESULTS "):]))
+    alone, rank0, rank1 = outs
+    assert alone["splits"] == ["knn_bank", "val"]  # both splits have labels: the monitor is on
+    assert alone["metrics"]["val/images"] == 11 and alone["metrics"]["val/knn_bank"] == 16  # 2 train shards: 7 + 9
+    for ranked in (rank0, rank1):
+        assert ranked["metrics"].keys() == alone["metrics"].keys()
+        for key, value in alone["metrics"].items():
+            assert ranked["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert alone["picture"] == rank0["picture"] and rank1["picture"] is None
+    assert alone["picture"][0][2] == 3

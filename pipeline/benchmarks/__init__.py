@@ -8,3 +8,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def chosen_modes(text: str, modes: tuple[str, ...] | list[str]) -> list[str]:
+    """The modes of a comma-separated --modes, each one of `modes`, else a one-line SystemExit."""
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = set(chosen) - set(modes)
+    if unknown:
+        raise SystemExit(f"unknown --modes {', '.join(sorted(unknown))}; choose from {', '.join(modes)}")
+    return chosen

@@ -43,6 +43,8 @@ from datetime import date
 
 import numpy as np
 
+from pipeline.benchmarks import chosen_modes
+
 MODES = ("decoders", "workers", "device")
 
 
@@ -405,10 +407,7 @@ def print_device(args: argparse.Namespace, result: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     import tempfile
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise SystemExit(f"unknown --modes {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    modes = chosen_modes(args.modes, MODES)
     print(f"command: python jobs/benchmark.py decode {' '.join(sys.argv[2:])}".rstrip())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; date {date.today()}")
     results: dict = {}

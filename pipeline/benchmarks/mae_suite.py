@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.benchmarks import chosen_modes
+
 MODES = ("step", "labels", "cores")
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 OBJECTIVES = ("supervised", "mae")
@@ -267,10 +269,7 @@ def print_cores(args: argparse.Namespace, result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise SystemExit(f"unknown --modes {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    modes = chosen_modes(args.modes, MODES)
     print(f"command: python jobs/benchmark.py mae {' '.join(sys.argv[2:])}".rstrip())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; date {date.today()}")
     results: dict = {}

@@ -29,6 +29,7 @@ from datetime import date
 
 import torch
 
+from pipeline.benchmarks import chosen_modes
 from pipeline.benchmarks.gpu_step import measure_gpu, print_gpu
 from pipeline.benchmarks.train_overhead import measure_overhead, print_overhead, summarise_overhead
 from pipeline.benchmarks.zero_memory import measure_memory, print_memory, summarise_memory
@@ -75,11 +76,7 @@ def resolve_modes(args: argparse.Namespace) -> list[str]:
     if args.gpu:
         return ["gpu"]
     if args.modes:
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        unknown = set(modes) - {"overhead", "memory", "gpu"}
-        if unknown:
-            raise SystemExit(f"unknown --modes {', '.join(sorted(unknown))}; choose from overhead, memory, gpu")
-        return modes
+        return chosen_modes(args.modes, ("overhead", "memory", "gpu"))
     return ["gpu"] if torch.cuda.is_available() else ["overhead", "memory"]
 
 

@@ -7,6 +7,8 @@ A checkpoint directory holds:
     model_ema.safetensors the exponential moving average of the weights, when the run keeps one
     config.json           the resolved job: model arguments (`VisionTransformer(**model_args)`), classes, the job
     train_state.json      the loop and data position: step, epoch, the samples of the epoch accounted for
+    checksums/            rank-NNNNN.json a rank: size and CRC-32 of every file that rank wrote, checked at resume
+
 
 Every rank writes into its own local directory and reports it; Ray Train merges the ranks' files into one
 checkpoint in storage. Nothing is unpickled without `weights_only=True`, DeepSpeed's own files included. A ZeRO
@@ -18,10 +20,12 @@ converter writes stays in a private temporary folder.
 import contextlib
 import json
 import shutil
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -35,6 +39,7 @@ WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.json"
+CHECKSUMS_DIR = "checksums"
 # in each checkpoint's report: its objective's score, higher better (val/top1; MAE's -val/loss); -inf before an eval
 SCORE_KEY = "checkpoint_score"
 
@@ -68,6 +73,10 @@ class CheckpointMismatch(ValueError):
     """The checkpoint was made by a model of another shape."""
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint's file is missing, cut short or changed since it was saved, and no whole one can stand in."""
+
+
 def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
     """fp32 weights with the model's key names, assembled from ZeRO partitions. A collective: call on every
     rank in the same order; every rank gets the result."""
@@ -98,6 +107,57 @@ def save_checkpoint_collective(engine, directory: str | Path, *, rank: int, stat
             save_file(ema_weights, str(directory / EMA_WEIGHTS_FILE), metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    write_checksums(directory, rank)
+
+
+def file_crc32(path: str | Path) -> int:
+    crc = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_checksums(directory: Path, rank: int) -> None:
+    """checksums/rank-NNNNN.json: [bytes, CRC-32] of each file this rank wrote into `directory` (its own folder,
+    which Ray Train merges with the other ranks' into the checkpoint)."""
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    entries = {path.relative_to(directory).as_posix(): [path.stat().st_size, file_crc32(path)] for path in files}
+    (directory / CHECKSUMS_DIR).mkdir(exist_ok=True)
+    (directory / CHECKSUMS_DIR / f"rank-{rank:05d}.json").write_text(json.dumps(entries, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(directory: str, *, part: tuple[int, int] = (0, 1), contents: bool = True) -> str | None:
+    """What is wrong with a checkpoint folder (local, or a storage URI with `contents=False`) by the checksums its
+    ranks wrote: a rank's checksums or a file missing, a file of another size than at save, or (`contents`) of
+    another CRC-32. None when all agree, and for a folder saved without checksums. `part` = (i, n): check the
+    files of every n-th rank's checksums from the i-th, so that n workers share the reading."""
+    fs, root = storage.resolve(directory)
+    try:
+        lists = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(f"{root}/{CHECKSUMS_DIR}"))
+                       if info.base_name.startswith("rank-"))
+    except FileNotFoundError:
+        return None
+    try:
+        with fs.open_input_stream(f"{root}/{STATE_FILE}") as file:
+            saved_ranks = json.loads(file.read())["world_size"]
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        return f"{STATE_FILE} is missing or damaged ({' '.join(str(err).split())[:200]})"
+    if len(lists) != saved_ranks:
+        return f"it was saved by {saved_ranks} ranks, and {CHECKSUMS_DIR}/ holds the lists of {len(lists)}"
+    index, count = part
+    for name in lists[index::count]:
+        with fs.open_input_stream(f"{root}/{CHECKSUMS_DIR}/{name}") as file:
+            entries = json.loads(file.read())
+        infos = fs.get_file_info([f"{root}/{path}" for path in entries])
+        for (path, (size, crc)), info in zip(entries.items(), infos, strict=True):
+            if info.type != pafs.FileType.File:
+                return f"{path} is missing"
+            if info.size != size:
+                return f"{path} is {info.size:,} bytes, against {size:,} when saved"
+            if contents and file_crc32(f"{root}/{path}") != crc:
+                return f"{path} is not what was saved: its CRC-32 differs"
+    return None
 
 
 def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -153,6 +213,17 @@ def load_checkpoint(engine, directory: str | Path, *, local_rank: int | None = N
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint to resume from in {directory}")
     return LoopState(**client_state["loop_state"])
+
+
+def kept_before(location: str) -> list[str]:
+    """The checkpoint folders beside `location` (a path or storage URI) that sort before it, newest first: the
+    ones Ray Train keeps of the run (checkpoint_<time>), or LocalContext's (checkpoint_<number>)."""
+    name, folder = storage.basename(location), storage.parent(location)
+    fs, folder_path = storage.resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(folder_path))
+    names = sorted((info.base_name for info in infos if info.type == pafs.FileType.Directory and
+                    info.base_name.startswith("checkpoint_") and info.base_name < name), reverse=True)
+    return [storage.join(folder, older) for older in names]
 
 
 @contextlib.contextmanager

@@ -18,12 +18,17 @@ import time
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.train.checkpoint import (
+    CHECKSUMS_DIR,
     EMA_WEIGHTS_FILE,
     SCORE_KEY,
+    CheckpointDamaged,
     LoopState,
+    checkpoint_problem,
+    kept_before,
     load_checkpoint,
     local_checkpoint,
     read_weights,
@@ -44,24 +49,63 @@ class Checkpointer:
     def restore(self) -> tuple[LoopState, str | None, dict[str, torch.Tensor] | None]:
         """Every rank (a collective): the engine restored from the context's latest checkpoint (a restart) or
         `train.resume_from`. Returns the loop state, where the checkpoint is stored (None for a fresh start or
-        resume_from), and its EMA weights when it holds some."""
+        resume_from), and its EMA weights when it holds some.
+
+        Each checkpoint is checked against the checksums written at save first, the ranks sharing the reading. A
+        damaged latest checkpoint gives way to the newest whole one kept before it, in one line; when there is
+        none, or `resume_from` is damaged, CheckpointDamaged ends the job (no restart would cure it)."""
+        resume_from = self.run.job.train.resume_from
+        with self.ctx.latest_checkpoint() as (checkpoint_dir, stored_at):
+            if checkpoint_dir:
+                problem = self._problem_collective(checkpoint_dir)
+                if problem is None:
+                    return self._load(checkpoint_dir, stored_at, stored_at)
+        if not checkpoint_dir:
+            if not resume_from:
+                return LoopState(), None, None
+            with local_checkpoint(resume_from) as source:
+                problem = self._problem_collective(source)
+                if problem is not None:
+                    raise CheckpointDamaged(f"train.resume_from: {resume_from} is damaged: {problem}")
+                return self._load(source, resume_from, None)
+        damaged = storage.to_uri(self.run.storage_path, stored_at)
+        for older in kept_before(damaged):
+            with local_checkpoint(older) as source:
+                if self._problem_collective(source, required=True) is None:
+                    if self.ctx.rank == 0:
+                        log.warning("checkpoint %s is damaged (%s): resuming from the newest whole one before it",
+                                    damaged, problem)
+                    return self._load(source, older, older)
+        raise CheckpointDamaged(f"checkpoint {damaged} is damaged ({problem}), and no whole checkpoint is kept before "
+                                "it: resume_from a good one, or start anew under another train.run_name")
+
+    def _problem_collective(self, source: str, *, required: bool = False) -> str | None:
+        """What is wrong with the local checkpoint folder `source` (checkpoint.checkpoint_problem), every rank
+        reading its share; the same answer on every rank. `required`: a folder without checksums is damaged."""
+        problem = checkpoint_problem(source, part=(self.ctx.rank, self.ctx.world_size))
+        if required and problem is None and not os.path.isdir(os.path.join(source, CHECKSUMS_DIR)):
+            problem = "it has no checksums"
+        if self.ctx.world_size > 1:
+            problems = [None] * self.ctx.world_size
+            dist.all_gather_object(problems, problem, group=self.ctx.cpu_group)
+            problem = next((p for p in problems if p), None)
+        return problem
+
+    def _load(self, source: str, label: str, stored_at: str | None
+              ) -> tuple[LoopState, str | None, dict[str, torch.Tensor] | None]:
+        """The engine restored from the local checkpoint folder `source` (`label`: where it is, for the log)."""
         from pipeline.model import VisionTransformer
 
-        resume_from = self.run.job.train.resume_from
-        with self.ctx.latest_checkpoint() as (checkpoint_dir, stored_at), \
-                local_checkpoint(checkpoint_dir or resume_from) as source:
-            if not source:
-                return LoopState(), None, None
-            with torch.device("meta"):  # what model.safetensors holds: the objective's export of the module
-                exported = VisionTransformer(**self.run.model_args)
-            state = load_checkpoint(self.engine, source, local_rank=self.ctx.local_rank, weights_model=exported)
-            if self.ctx.rank == 0:
-                record = state.epoch_record()
-                log.info("resumed from %s at step %d (epoch %d: %d shards done, %d partly read)",
-                         checkpoint_dir or resume_from, state.step, state.epoch, len(record.done), len(record.partial))
-            ema_path = os.path.join(source, EMA_WEIGHTS_FILE)
-            keeps_ema = self.run.job.finetune.ema_decay and os.path.exists(ema_path)
-            return state, stored_at, read_weights(ema_path) if keeps_ema else None
+        with torch.device("meta"):  # what model.safetensors holds: the objective's export of the module
+            exported = VisionTransformer(**self.run.model_args)
+        state = load_checkpoint(self.engine, source, local_rank=self.ctx.local_rank, weights_model=exported)
+        if self.ctx.rank == 0:
+            record = state.epoch_record()
+            log.info("resumed from %s at step %d (epoch %d: %d shards done, %d partly read)", label, state.step,
+                     state.epoch, len(record.done), len(record.partial))
+        ema_path = os.path.join(source, EMA_WEIGHTS_FILE)
+        keeps_ema = self.run.job.finetune.ema_decay and os.path.exists(ema_path)
+        return state, stored_at, read_weights(ema_path) if keeps_ema else None
 
     def save(self, state: LoopState, feed, validator, metrics) -> None:
         """After each step, on every rank (a collective): checkpoint if one is due or a node is being drained."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline import storage
@@ -59,20 +60,67 @@ class InitWeights:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A safetensors or torch state_dict file; torch files are unpickled with weights_only=True only."""
-    if path.endswith(".safetensors"):
-        return load_file(path)
+    """A safetensors or torch state_dict file, told apart by their bytes (not the suffix); torch files are
+    unpickled with weights_only=True only. A file that is neither, or is cut short, is a one-line ConfigError."""
+    kind, problem = weights_file_kind(path)
+    if problem:
+        raise ConfigError(f"init_from: {path} {problem}")
+    if kind == "safetensors":
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise ConfigError(f"init_from: {path} is a damaged safetensors file ({err})") from None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ConfigError(f"init_from: {path} is not a plain tensor file: it holds pickled Python objects, which "
-                          "are not loaded (weights_only=True); save a state_dict of tensors or safetensors") from None
+        with open(path, "rb") as file:  # a file object: torch.load would hand a .safetensors name to safetensors
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise ConfigError(f"init_from: {path} is not a plain tensor file: it holds pickled Python objects, "
+                              "which are not loaded (weights_only=True); save a state_dict of tensors or "
+                              "safetensors") from None
+        raise ConfigError(f"init_from: {path} is a damaged torch file ({' '.join(str(err).split())})") from None
+    except (EOFError, RuntimeError) as err:  # a zip archive or pickle stream that ends early
+        reason = " ".join(str(err).split(". ")[0].split()) or "it ends early"
+        raise ConfigError(f"init_from: {path} is a torch file cut short or damaged ({reason})") from None
     for key in ("state_dict", "model", "module"):  # common wrappers around a state_dict
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
         raise ConfigError(f"init_from: {path} does not hold a state_dict of tensors")
     return loaded
+
+
+def weights_file_kind(path: str) -> tuple[str, str]:
+    """("safetensors" | "torch", "") for a file that looks whole, else ("", what is wrong with it), from its size
+    and first bytes: a safetensors file is an 8-byte header length, a JSON header and the tensors' bytes it lists;
+    a torch file is a zip archive (torch.save) or a pickle stream (the legacy format)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "", "is empty (0 bytes)"
+    with open(path, "rb") as file:
+        head = file.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+        first = file.read(1)
+        if first == b"{" and header_len:
+            if 8 + header_len > size:
+                return "", (f"is a safetensors file cut short: its header alone is {header_len:,} bytes, and the "
+                            f"file holds {size:,}")
+            try:
+                header = json.loads(first + file.read(header_len - 1))
+                tensor_bytes = max([entry["data_offsets"][1] for key, entry in header.items()
+                                    if key != "__metadata__"], default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                return "", "is a damaged safetensors file: its header is not the JSON table of tensors"
+            if 8 + header_len + tensor_bytes > size:
+                return "", (f"is a safetensors file cut short: its tensors need {8 + header_len + tensor_bytes:,} "
+                            f"bytes, and the file holds {size:,}")
+            return "safetensors", ""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch", ""
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "", "is JSON text, not weights: give a safetensors file or a torch state_dict (.pth, .pt, .bin)"
+    return "", (f"is neither a safetensors nor a torch file (it begins {head[:8]!r}): give a safetensors file or "
+                "a torch state_dict (.pth, .pt, .bin)")
 
 
 def locate_init(spec: str, tracking_uri: str) -> InitSource:

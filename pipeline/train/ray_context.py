@@ -46,9 +46,9 @@ def fatal_error(err: BaseException) -> str | None:
 
     from pipeline.config import ConfigError
     from pipeline.data.bad_samples import TooManyBadSamples
-    from pipeline.train.checkpoint import CheckpointMismatch
+    from pipeline.train.checkpoint import CheckpointDamaged, CheckpointMismatch
 
-    fatal = (JobFailed, ConfigError, TooManyBadSamples, FileNotFoundError, CheckpointMismatch)
+    fatal = (JobFailed, ConfigError, TooManyBadSamples, FileNotFoundError, CheckpointMismatch, CheckpointDamaged)
     todo, seen = [err], set()
     while todo:
         current = todo.pop()

@@ -205,7 +205,13 @@ def check_resumable(path: str, model_args: dict) -> None:
     import pyarrow.fs as pafs
 
     from pipeline.model.vit import VisionTransformer
-    from pipeline.train.checkpoint import DEEPSPEED_TAG, CheckpointMismatch, check_compatible
+    from pipeline.train.checkpoint import (
+        DEEPSPEED_TAG,
+        WEIGHTS_FILE,
+        CheckpointMismatch,
+        check_compatible,
+        checkpoint_problem,
+    )
 
     try:
         if storage.file_type(path) != pafs.FileType.Directory:
@@ -222,6 +228,12 @@ def check_resumable(path: str, model_args: dict) -> None:
         check_compatible(path, model)
     except (CheckpointMismatch, FileNotFoundError) as err:
         raise ConfigError(f"train.resume_from: {err}") from err
+    except ValueError as err:  # model.safetensors is not one
+        raise ConfigError(f"train.resume_from: {path}/{WEIGHTS_FILE} is damaged ({err})") from err
+    # the files' sizes against those at save; their contents are checked where they are read, on the workers
+    problem = checkpoint_problem(path, contents=False)
+    if problem:
+        raise ConfigError(f"train.resume_from: {path} is damaged: {problem}")
 
 
 def resolve_init_source(job: JobConfig, tracking_uri: str):

@@ -180,3 +180,11 @@ def test_the_demo_chain_pretrains_then_finetunes_at_twice_the_resolution(ray_loc
     # 32 px its config sets)
     assert sizes == [("pretrain", 32, ""), ("finetune", 48, run), ("pretrain", 32, ""), ("finetune", 64, run),
                      ("pretrain", 32, ""), ("finetune", 32, run)]
+
+    # a damaged weights file, as the user types it: one error line naming it, before Ray
+    whole, cut = checkpoint / "model.safetensors", tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[:100_000])
+    assert job_main("finetune")([f"init_from={cut}", "--dry-run"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.splitlines() == [f"error: init_from: {cut} is a safetensors file cut short: its tensors need "
+                                        f"{whole.stat().st_size:,} bytes, and the file holds 100,000"], printed.err

@@ -1,6 +1,7 @@
 """init_from: timm-made state_dicts, checkpoints of ours, head reset, and architecture mismatches."""
 
 import json
+import re
 
 import pytest
 import timm
@@ -115,6 +116,40 @@ def test_mismatched_architecture_and_bad_paths_are_clear_errors(tmp_path):
     assert str(refused.value) == (f"init_from: {tmp_path}/pickled.pth is not a plain tensor file: it holds pickled "
                                   "Python objects, which are not loaded (weights_only=True); save a state_dict of "
                                   "tensors or safetensors")
+
+
+def damaged(folder, kind: str):
+    """A weights file as a full disk, a killed copy or a wrong path leaves it."""
+    whole = folder / "whole.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model("vit_demo_patch4_32").state_dict().items()}, str(whole))
+    torch.save(build_model("vit_demo_patch4_32").state_dict(), folder / "whole.pth")
+    data = {"safetensors cut in half": whole.read_bytes()[:whole.stat().st_size // 2],
+            "safetensors cut in its header": whole.read_bytes()[:40],
+            "garbage": bytes(range(256)) * 64, "empty": b"",
+            "json": json.dumps({"model_args": {"depth": 4}}).encode(),
+            "pth cut in half": (folder / "whole.pth").read_bytes()[:(folder / "whole.pth").stat().st_size // 2]}[kind]
+    path = folder / ("weights.pth" if kind in ("empty", "json") else "weights.safetensors")
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("safetensors cut in half", r"is a safetensors file cut short: its tensors need [\d,]+ bytes, and the file holds "
+                                r"[\d,]+$"),
+    ("safetensors cut in its header", r"is a safetensors file cut short: its header alone is [\d,]+ bytes, and the "
+                                      r"file holds 40$"),
+    ("garbage", r"is neither a safetensors nor a torch file \(it begins b'\\x00\\x01.*\): give a safetensors file"),
+    ("empty", r"is empty \(0 bytes\)$"),
+    ("json", r"is JSON text, not weights: give a safetensors file or a torch state_dict"),
+    ("pth cut in half", r"is a torch file cut short or damaged \(PytorchStreamReader failed reading zip archive"),
+])
+def test_a_damaged_weights_file_is_one_line_naming_it_and_what_is_wrong(tmp_path, kind, says):
+    path = damaged(tmp_path, kind)
+    with pytest.raises(ConfigError) as refused:
+        fit(str(path), meta_state("vit_demo_patch4_32"))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"init_from: {path} "), message
+    assert re.search(says, message), message
 
 
 def test_weights_on_s3_are_read_from_a_checkpoint_folder_or_a_file(tmp_path, s3_store):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
 from pipeline.train.context import JobFailed
-from pipeline.train.launch import end_job, parse_job_args, print_outcome, run_job, start_ray
+from pipeline.train.launch import RunFinished, end_job, parse_job_args, print_outcome, run_job, start_ray
 from pipeline.train.resolved_job import resolve_job
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "digits_finetune.yaml"
@@ -40,6 +40,9 @@ def main(argv=None) -> int:
         result = run_job(run, init_state)
     except JobFailed as err:
         return end_job(err)
+    except RunFinished as err:
+        print(err)
+        return 0
     init = run.init
     print(f"\nMLflow run:      {result.run_id}  (experiment {run.job.tracking.experiment!r}), from "
           f"{init.parent_run_id or init.spec}")

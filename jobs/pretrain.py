@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_job_config
 from pipeline.train.context import JobFailed
-from pipeline.train.launch import end_job, parse_job_args, print_outcome, run_job, start_ray
+from pipeline.train.launch import RunFinished, end_job, parse_job_args, print_outcome, run_job, start_ray
 from pipeline.train.objectives import build_objective
 from pipeline.train.resolved_job import resolve_job
 
@@ -44,6 +44,9 @@ def main(argv=None) -> int:
         result = run_job(run)
     except JobFailed as err:
         return end_job(err)
+    except RunFinished as err:
+        print(err)
+        return 0
     last_val = {key[len("last_"):]: value for key, value in result.metrics.items() if key.startswith("last_val/")}
     print(f"\nMLflow run:      {result.run_id}  (experiment {run.job.tracking.experiment!r})")
     print(f"final {build_objective(run.job, run.model_args).summary(last_val)} after {result.metrics.get('step')} "

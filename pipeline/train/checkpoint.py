@@ -215,15 +215,23 @@ def load_checkpoint(engine, directory: str | Path, *, local_rank: int | None = N
     return LoopState(**client_state["loop_state"])
 
 
-def kept_before(location: str) -> list[str]:
-    """The checkpoint folders beside `location` (a path or storage URI) that sort before it, newest first: the
-    ones Ray Train keeps of the run (checkpoint_<time>), or LocalContext's (checkpoint_<number>)."""
-    name, folder = storage.basename(location), storage.parent(location)
-    fs, folder_path = storage.resolve(folder)
-    infos = fs.get_file_info(pafs.FileSelector(folder_path))
+def kept_checkpoints(folder: str) -> list[str]:
+    """The checkpoint folders in a run's folder (a path or storage URI), newest first: the ones Ray Train keeps
+    (checkpoint_<time>), or LocalContext's (checkpoint_<number>); [] when the folder does not exist."""
+    fs, path = storage.resolve(folder)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path))
+    except FileNotFoundError:
+        return []
     names = sorted((info.base_name for info in infos if info.type == pafs.FileType.Directory and
-                    info.base_name.startswith("checkpoint_") and info.base_name < name), reverse=True)
-    return [storage.join(folder, older) for older in names]
+                    info.base_name.startswith("checkpoint_")), reverse=True)
+    return [storage.join(folder, name) for name in names]
+
+
+def kept_before(location: str) -> list[str]:
+    """The checkpoint folders beside `location` that are older than it, newest first."""
+    name = storage.basename(location)
+    return [older for older in kept_checkpoints(storage.parent(location)) if storage.basename(older) < name]
 
 
 @contextlib.contextmanager

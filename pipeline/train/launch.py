@@ -110,6 +110,9 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
     from pipeline.tracking.runs import finish_run, start_job_run
     from pipeline.train.ray_context import train_loop_per_worker
 
+    finished = finished_message(run)
+    if finished:
+        raise RunFinished(finished)
     start_ray()
     train_cfg = run.job.train
     verbose = console.is_verbose(train_cfg.verbose)
@@ -166,6 +169,37 @@ def run_job(run: ResolvedJob, init_state=None) -> JobResult:
     return JobResult(run_id=run_id, tracking_uri=run.tracking_uri, checkpoint_path=checkpoint,
                      metrics=dict(result.metrics or {}), wall_time_s=time.perf_counter() - start,
                      storage_path=run.storage_path, run_name=run.run_name, model_uri=model_uri, registered=registered)
+
+
+class RunFinished(Exception):
+    """The run name already holds a checkpoint at the step the job trains to: nothing is trained, no MLflow run is
+    made. Its message says where the run and its checkpoint are."""
+
+
+def finished_message(run: ResolvedJob) -> str:
+    """"" unless `train.storage_path`/`run name` holds a checkpoint at or past the step this job would train to
+    (`train.stop_after_steps`, else `train.steps`); then what to tell the user instead of making an empty run."""
+    import json
+
+    from pipeline.train.checkpoint import CONFIG_FILE, STATE_FILE, kept_checkpoints
+
+    kept = kept_checkpoints(storage.join(run.storage_path, run.run_name))
+    if not kept:
+        return ""
+    fs, path = storage.resolve(kept[0])
+    try:
+        with fs.open_input_stream(f"{path}/{STATE_FILE}") as file:
+            step = json.loads(file.read())["step"]
+        with fs.open_input_stream(f"{path}/{CONFIG_FILE}") as file:
+            run_id = json.loads(file.read()).get("mlflow_run_id", "")
+    except (OSError, ValueError, KeyError):  # not readable: the resume decides what to do with it
+        return ""
+    stop = run.job.train.stop_after_steps or run.job.train.steps
+    if step < stop:
+        return ""
+    return (f"run {run.run_name} is already at step {step} of {stop}: its checkpoint {kept[0]}"
+            f"{f' (MLflow run {run_id})' if run_id else ''}; nothing to train. Raise train.steps to train further, "
+            "or give another train.run_name")
 
 
 def checkpoint_config(job):

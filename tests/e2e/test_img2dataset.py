@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.config import ConfigError, load_job_config
 from pipeline.data.tar_reader import count_samples
 from pipeline.train.checkpoint import weight_shapes
-from pipeline.train.launch import run_job
+from pipeline.train.launch import RunFinished, run_job
 from pipeline.train.resolved_job import resolve_job
 
 pytestmark = pytest.mark.e2e
@@ -113,6 +113,14 @@ def test_mae_pretrains_on_captioned_shards_then_a_fine_tune_learns_their_labels(
     second, _ = resolve_job(load_job_config(config, [*common, "train.num_workers=1"]), "pretrain")
     mae = run_job(second)  # the same run name and storage: Ray Train resumes from step 6, at world size 1
     assert mae.metrics["step"] == 12 and mae.metrics["train/world_size"] == 1
+    # the same command once more: the run is finished, which it says instead of making an empty MLflow run
+    runs_before = len(MlflowClient(uri).search_runs([MlflowClient(uri).get_run(mae.run_id).info.experiment_id]))
+    with pytest.raises(RunFinished, match=rf"^run mae-captions is already at step 12 of 12: its checkpoint "
+                                          rf"{tmp_path}/runs/mae-captions/checkpoint_\S+ \(MLflow run {mae.run_id}\); "
+                                          "nothing to train"):
+        run_job(second)
+    assert len(MlflowClient(uri).search_runs([MlflowClient(uri).get_run(mae.run_id).info.experiment_id])) == \
+        runs_before
     assert mae.metrics["last_val/images"] == 17 and not any("knn" in key for key in mae.metrics)
     assert 0 < mae.metrics["last_val/loss_ratio"] < 1.0  # better than predicting each patch's mean
     # each job is a run of its own in MLflow: the first holds steps 1-6, the resumed one steps 7-12

@@ -183,7 +183,10 @@ def finished_message(run: ResolvedJob) -> str:
 
     from pipeline.train.checkpoint import CONFIG_FILE, STATE_FILE, kept_checkpoints
 
-    kept = kept_checkpoints(storage.join(run.storage_path, run.run_name))
+    try:
+        kept = kept_checkpoints(storage.join(run.storage_path, run.run_name))
+    except OSError:  # a store that refuses the listing: Ray Train's own storage check names it
+        return ""
     if not kept:
         return ""
     fs, path = storage.resolve(kept[0])

@@ -9,7 +9,6 @@ A checkpoint directory holds:
     train_state.json      the loop and data position: step, epoch, the samples of the epoch accounted for
     checksums/            rank-NNNNN.json a rank: size and CRC-32 of every file that rank wrote, checked at resume
 
-
 Every rank writes into its own local directory and reports it; Ray Train merges the ranks' files into one
 checkpoint in storage. Nothing is unpickled without `weights_only=True`, DeepSpeed's own files included. A ZeRO
 checkpoint of another world size resumes through DeepSpeed's universal format (pipeline/train/reshard.py), whose
@@ -127,28 +126,28 @@ def write_checksums(directory: Path, rank: int) -> None:
     (directory / CHECKSUMS_DIR / f"rank-{rank:05d}.json").write_text(json.dumps(entries, indent=1, sort_keys=True))
 
 
-def checkpoint_problem(directory: str, *, part: tuple[int, int] = (0, 1), contents: bool = True) -> str | None:
+def checkpoint_problem(directory: str, *, part: tuple[int, int] = (0, 1), contents: bool = True,
+                       required: bool = False) -> str | None:
     """What is wrong with a checkpoint folder (local, or a storage URI with `contents=False`) by the checksums its
     ranks wrote: a rank's checksums or a file missing, a file of another size than at save, or (`contents`) of
-    another CRC-32. None when all agree, and for a folder saved without checksums. `part` = (i, n): check the
-    files of every n-th rank's checksums from the i-th, so that n workers share the reading."""
+    another CRC-32. None when all agree, and for a folder saved without checksums unless they are `required`.
+    `part` = (i, n): check the files of every n-th rank's checksums from the i-th, so that n workers share the
+    reading."""
     fs, root = storage.resolve(directory)
     try:
         lists = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(f"{root}/{CHECKSUMS_DIR}"))
                        if info.base_name.startswith("rank-"))
     except FileNotFoundError:
-        return None
+        return "it has no checksums" if required else None
     try:
-        with fs.open_input_stream(f"{root}/{STATE_FILE}") as file:
-            saved_ranks = json.loads(file.read())["world_size"]
+        saved_ranks = read_checkpoint_json(directory, STATE_FILE)["world_size"]
     except (FileNotFoundError, ValueError, KeyError) as err:
         return f"{STATE_FILE} is missing or damaged ({' '.join(str(err).split())[:200]})"
     if len(lists) != saved_ranks:
         return f"it was saved by {saved_ranks} ranks, and {CHECKSUMS_DIR}/ holds the lists of {len(lists)}"
     index, count = part
     for name in lists[index::count]:
-        with fs.open_input_stream(f"{root}/{CHECKSUMS_DIR}/{name}") as file:
-            entries = json.loads(file.read())
+        entries = read_checkpoint_json(directory, f"{CHECKSUMS_DIR}/{name}")
         infos = fs.get_file_info([f"{root}/{path}" for path in entries])
         for (path, (size, crc)), info in zip(entries.items(), infos, strict=True):
             if info.type != pafs.FileType.File:
@@ -158,6 +157,13 @@ def checkpoint_problem(directory: str, *, part: tuple[int, int] = (0, 1), conten
             if contents and file_crc32(f"{root}/{path}") != crc:
                 return f"{path} is not what was saved: its CRC-32 differs"
     return None
+
+
+def read_checkpoint_json(checkpoint: str, name: str):
+    """The JSON file `name` of a checkpoint folder, local or at a storage URI."""
+    fs, root = storage.resolve(checkpoint)
+    with fs.open_input_stream(f"{root}/{name}") as file:
+        return json.loads(file.read())
 
 
 def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:

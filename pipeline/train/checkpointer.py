@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.train.checkpoint import (
-    CHECKSUMS_DIR,
     EMA_WEIGHTS_FILE,
     SCORE_KEY,
     CheckpointDamaged,
@@ -82,9 +81,7 @@ class Checkpointer:
     def _problem_collective(self, source: str, *, required: bool = False) -> str | None:
         """What is wrong with the local checkpoint folder `source` (checkpoint.checkpoint_problem), every rank
         reading its share; the same answer on every rank. `required`: a folder without checksums is damaged."""
-        problem = checkpoint_problem(source, part=(self.ctx.rank, self.ctx.world_size))
-        if required and problem is None and not os.path.isdir(os.path.join(source, CHECKSUMS_DIR)):
-            problem = "it has no checksums"
+        problem = checkpoint_problem(source, part=(self.ctx.rank, self.ctx.world_size), required=required)
         if self.ctx.world_size > 1:
             problems = [None] * self.ctx.world_size
             dist.all_gather_object(problems, problem, group=self.ctx.cpu_group)

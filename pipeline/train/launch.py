@@ -179,9 +179,7 @@ class RunFinished(Exception):
 def finished_message(run: ResolvedJob) -> str:
     """"" unless `train.storage_path`/`run name` holds a checkpoint at or past the step this job would train to
     (`train.stop_after_steps`, else `train.steps`); then what to tell the user instead of making an empty run."""
-    import json
-
-    from pipeline.train.checkpoint import CONFIG_FILE, STATE_FILE, kept_checkpoints
+    from pipeline.train.checkpoint import CONFIG_FILE, STATE_FILE, kept_checkpoints, read_checkpoint_json
 
     try:
         kept = kept_checkpoints(storage.join(run.storage_path, run.run_name))
@@ -189,12 +187,9 @@ def finished_message(run: ResolvedJob) -> str:
         return ""
     if not kept:
         return ""
-    fs, path = storage.resolve(kept[0])
     try:
-        with fs.open_input_stream(f"{path}/{STATE_FILE}") as file:
-            step = json.loads(file.read())["step"]
-        with fs.open_input_stream(f"{path}/{CONFIG_FILE}") as file:
-            run_id = json.loads(file.read()).get("mlflow_run_id", "")
+        step = read_checkpoint_json(kept[0], STATE_FILE)["step"]
+        run_id = read_checkpoint_json(kept[0], CONFIG_FILE).get("mlflow_run_id", "")
     except (OSError, ValueError, KeyError):  # not readable: the resume decides what to do with it
         return ""
     stop = run.job.train.stop_after_steps or run.job.train.steps
